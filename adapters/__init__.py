@@ -1,0 +1,1 @@
+"""LoRA adapters and steering vectors: formats, validation, registries."""

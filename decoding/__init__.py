@@ -1,0 +1,1 @@
+"""The generation engine: model loading, KV cache, batching, sampling, detokenization."""

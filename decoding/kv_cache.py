@@ -1,0 +1,86 @@
+"""A slot-based KV cache: one preallocated row per running lane, kept compact.
+
+Running lanes always occupy slots 0..n-1, so a forward over a contiguous range of lanes reads
+the cache as a view (no gather). When a lane leaves, the last lane's rows move into its slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    num_layers: int
+    num_slots: int
+    num_kv_heads: int
+    head_dim: int
+    max_len: int
+
+
+def cache_shape_for(config, num_slots: int, max_len: int) -> CacheShape:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return CacheShape(config.num_hidden_layers, num_slots, kv_heads, head_dim, max_len)
+
+
+class SlotKVCache:
+    """Per layer, keys and values of shape (slots, kv_heads, max_len, head_dim)."""
+
+    def __init__(self, shape: CacheShape, dtype: torch.dtype, device: torch.device) -> None:
+        self.shape = shape
+        dims = (shape.num_slots, shape.num_kv_heads, shape.max_len, shape.head_dim)
+        # torch.empty: pages are committed only when a slot is written.
+        self.keys = [torch.empty(dims, dtype=dtype, device=device) for _ in range(shape.num_layers)]
+        self.values = [torch.empty(dims, dtype=dtype, device=device)
+                       for _ in range(shape.num_layers)]
+
+    def for_prefill(self, first_slot: int, num_rows: int, start: int, length: int) -> CacheWindow:
+        """Rows first_slot.. write positions start..start+length-1 and read 0..start+length-1."""
+        return CacheWindow(self, slice(first_slot, first_slot + num_rows), start, None,
+                           start + length)
+
+    def for_decode(self, first_slot: int, positions: torch.Tensor, kv_len: int) -> CacheWindow:
+        """Each row writes one token at its own position; reads 0..kv_len-1 (masked per row)."""
+        rows = slice(first_slot, first_slot + positions.shape[0])
+        return CacheWindow(self, rows, None, positions, kv_len)
+
+    def move_slot(self, source: int, target: int, length: int) -> None:
+        """Copy a lane's first `length` positions to another slot (compaction on leave)."""
+        for keys, values in zip(self.keys, self.values, strict=True):
+            keys[target, :, :length] = keys[source, :, :length]
+            values[target, :, :length] = values[source, :, :length]
+
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        self.move_slot(source, target, length)
+
+
+class CacheWindow:
+    """What one forward sees: the duck-typed cache object the HF attention layers call."""
+
+    def __init__(self, cache: SlotKVCache, rows: slice, start: int | None,
+                 positions: torch.Tensor | None, kv_len: int) -> None:
+        self.cache = cache
+        self.rows = rows
+        self.start = start
+        self.positions = positions
+        self.kv_len = kv_len
+        if positions is not None:
+            self._row_index = torch.arange(rows.start, rows.stop, device=positions.device)
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values = self.cache.keys[layer_idx], self.cache.values[layer_idx]
+        # key, value: (B, kv_heads, T, head_dim)
+        if self.positions is None:
+            end = self.start + key.shape[2]
+            keys[self.rows, :, self.start:end] = key
+            values[self.rows, :, self.start:end] = value
+        else:
+            keys[self._row_index, :, self.positions] = key[:, :, 0]
+            values[self._row_index, :, self.positions] = value[:, :, 0]
+        return keys[self.rows, :, : self.kv_len], values[self.rows, :, : self.kv_len]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.kv_len

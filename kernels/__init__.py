@@ -1,0 +1,1 @@
+"""Triton kernels with PyTorch references. Only torch and triton are imported here."""

@@ -1,0 +1,80 @@
+"""The FastAPI application: routes, auth, metrics and the engine's lifetime."""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from decoding.async_engine import AsyncEngine
+from decoding.engine import Engine, EngineConfig
+from decoding.model_loader import LoadedModel
+from server.auth import check_api_key
+from server.chat import chat_completions
+from server.completions import completions
+from server.context import ServingContext
+from server.convert import Limits
+from server.errors import install_error_handlers
+from server.metrics import Metrics
+from server.settings import ServerSettings
+
+
+def build_context(settings: ServerSettings, model: LoadedModel) -> ServingContext:
+    engine = Engine(model, EngineConfig(max_num_seqs=settings.max_num_seqs,
+                                        max_queue=settings.max_queue,
+                                        max_prefill_tokens=settings.max_prefill_tokens))
+    limits = Limits(max_model_len=model.max_model_len, vocab_size=engine.runner.vocab_size,
+                    max_n=settings.max_n, max_stop=settings.max_stop)
+    return ServingContext(settings, model, AsyncEngine(engine), Metrics(engine), limits,
+                          int(time.time()))
+
+
+def create_app(ctx: ServingContext) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        ctx.engine.start()
+        yield
+        ctx.engine.stop()
+
+    app = FastAPI(title="steerserve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        ctx.metrics.requests.labels(getattr(route, "path", "unmatched"),
+                                    str(response.status_code)).inc()
+        return response
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        alive = ctx.engine.engine.is_alive()
+        return JSONResponse({"status": "ok" if alive else "engine stopped"},
+                            status_code=200 if alive else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(ctx.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        check_api_key(request, ctx.settings.api_key)
+        return JSONResponse({"object": "list", "data": [{
+            "id": ctx.model_name, "object": "model", "created": ctx.created,
+            "owned_by": "steerserve", "root": ctx.settings.model, "parent": None,
+            "max_model_len": ctx.model.max_model_len}]})
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        check_api_key(request, ctx.settings.api_key)
+        return await chat_completions(request, ctx)
+
+    @app.post("/v1/completions")
+    async def complete(request: Request):
+        check_api_key(request, ctx.settings.api_key)
+        return await completions(request, ctx)
+
+    return app

@@ -1,0 +1,119 @@
+"""`steerserve serve ...`: load the model (with progress), then serve over HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from server.settings import ServerSettings
+
+DEFAULTS = ServerSettings()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="steerserve", description="OpenAI-compatible server that steers language models "
+        "at decoding time.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve", help="load a model and serve the OpenAI API",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Load a model and serve /v1/chat/completions, /v1/completions, "
+        "/v1/models, /health and /metrics.")
+    add_model_options(serve)
+    add_engine_options(serve)
+    add_http_options(serve)
+    return parser
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=DEFAULTS.model,
+                       help="embedded model name (SmolLM2-135M-Instruct), a Hugging Face model "
+                       "directory with safetensors weights, or a .gguf file")
+    group.add_argument("--served-model-name", default=None,
+                       help="name clients put in 'model' (default: derived from --model)")
+    group.add_argument("--dtype", default=DEFAULTS.dtype,
+                       choices=["auto", "float32", "bfloat16", "float16"],
+                       help="weight and activation dtype; auto = bfloat16 (measured faster "
+                       "than float32 on CPU, see docs/benchmarks.md)")
+    group.add_argument("--device", default=DEFAULTS.device,
+                       help="torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1")
+    group.add_argument("--max-model-len", type=int, default=DEFAULTS.max_model_len,
+                       help="context length (prompt + completion) per sequence; capped by the "
+                       "model's own limit; sizes the KV cache")
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument("--max-num-seqs", type=int, default=DEFAULTS.max_num_seqs,
+                       help="KV-cache slots: sequences decoded together in one batch")
+    group.add_argument("--max-queue", type=int, default=DEFAULTS.max_queue,
+                       help="waiting sequences beyond which requests get HTTP 429")
+    group.add_argument("--max-prefill-tokens", type=int, default=DEFAULTS.max_prefill_tokens,
+                       help="padded prompt tokens per prefill forward (bounds decode stalls)")
+    group.add_argument("--max-n", type=int, default=DEFAULTS.max_n,
+                       help="largest 'n' (choices per request) accepted")
+    group.add_argument("--max-stop", type=int, default=DEFAULTS.max_stop,
+                       help="largest number of stop strings per request")
+    group.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads (default: torch's choice, one per core)")
+
+
+def add_http_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("http")
+    group.add_argument("--host", default=DEFAULTS.host, help="address to listen on")
+    group.add_argument("--port", type=int, default=DEFAULTS.port, help="port to listen on")
+    group.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on /v1 routes "
+                       "(default: $STEERSERVE_API_KEY; unset = no auth)")
+    group.add_argument("--max-body-bytes", type=int, default=DEFAULTS.max_body_bytes,
+                       help="largest request body accepted (HTTP 413 beyond)")
+    group.add_argument("--allow-request-chat-template", action="store_true",
+                       help="accept a 'chat_template' field in chat requests (off: 400)")
+    group.add_argument("--log-level", default=DEFAULTS.log_level,
+                       choices=["debug", "info", "warning", "error"], help="log verbosity")
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    return ServerSettings(
+        model=args.model, served_model_name=args.served_model_name, host=args.host,
+        port=args.port, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, max_queue=args.max_queue,
+        max_prefill_tokens=args.max_prefill_tokens, max_n=args.max_n, max_stop=args.max_stop,
+        max_body_bytes=args.max_body_bytes,
+        api_key=args.api_key or os.environ.get("STEERSERVE_API_KEY") or None,
+        allow_request_chat_template=args.allow_request_chat_template, threads=args.threads,
+        log_level=args.log_level)
+
+
+def serve(settings: ServerSettings) -> None:
+    import torch
+    import uvicorn
+
+    from decoding.model_loader import load_model
+    from server.app import build_context, create_app
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    model = load_model(settings.model, name=settings.served_model_name, dtype=settings.dtype,
+                       device=settings.device, max_model_len=settings.max_model_len)
+    app = create_app(build_context(settings, model))
+    logging.getLogger(__name__).info("serving '%s' on http://%s:%d/v1", model.name,
+                                     settings.host, settings.port)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                h11_max_incomplete_event_size=64 * 1024, timeout_graceful_shutdown=5)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        serve(settings_from_args(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""OpenAI response pieces: logprobs in chat and legacy shapes, usage, ids."""
+
+from __future__ import annotations
+
+import uuid
+
+from decoding.sequence import TokenLogprob
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _bytes(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+
+def chat_logprobs(records: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> dict:
+    return {"content": [
+        {"token": r.token, "logprob": r.logprob, "bytes": _bytes(r.token),
+         "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": _bytes(t.token)}
+                          for t in r.top]}
+        for r in records
+    ]}
+
+
+def legacy_logprobs(records: list[TokenLogprob], text_offset: int = 0) -> dict:
+    """The /v1/completions shape; the first prompt token has null logprob and top."""
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    offset = text_offset
+    for record in records:
+        tokens.append(record.token)
+        token_logprobs.append(record.logprob)
+        scored = record.logprob is not None
+        top.append({t.token: t.logprob for t in record.top} if scored else None)
+        offsets.append(offset)
+        offset += len(record.token)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top,
+            "text_offset": offsets}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

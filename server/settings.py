@@ -1,0 +1,26 @@
+"""Server settings: one frozen dataclass built by the CLI (or by tests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model: str = "SmolLM2-135M-Instruct"
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = 4096
+    max_num_seqs: int = 64
+    max_queue: int = 512
+    max_prefill_tokens: int = 4096
+    max_n: int = 16
+    max_stop: int = 16
+    max_body_bytes: int = 4 * 1024 * 1024
+    api_key: str | None = None
+    allow_request_chat_template: bool = False
+    threads: int | None = None
+    log_level: str = "info"
