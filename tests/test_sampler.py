@@ -1,0 +1,67 @@
+"""Sampler processors on hand-made distributions."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from decoding.sampler import RowState, apply_penalties, sample, truncation_mask
+from decoding.sampling_params import SamplingParams
+
+
+def row(**params) -> RowState:
+    return RowState(SamplingParams(**params), [], [], None)
+
+
+def test_truncation_masks_top_k_top_p_min_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    kept = lambda **p: (~truncation_mask(logits.clone(), [row(**p)]))[0].tolist()  # noqa: E731
+    assert kept(top_k=2) == [True, True, False, False]
+    assert kept(top_p=0.8) == [True, True, False, False]
+    assert kept(top_p=0.81) == [True, True, True, False]
+    assert kept(top_p=0.1) == [True, False, False, False]
+    assert kept(min_p=0.25) == [True, True, True, False]
+    assert kept(min_p=0.7) == [True, False, False, False]
+
+
+def test_rows_keep_their_own_truncation():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]])
+    mask = truncation_mask(logits, [row(top_k=1), row(top_k=3)])
+    assert (~mask).sum(dim=1).tolist() == [1, 3]
+    assert not mask[0, 0] and mask[1, 0]
+
+
+def test_penalties():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    state = RowState(SamplingParams(presence_penalty=0.5, frequency_penalty=0.25,
+                                    repetition_penalty=2.0), [3], [0, 0, 1], None)
+    apply_penalties(logits, [state])
+    # token 0: repetition 2.0/2 = 1.0, then -(2 * 0.25 + 0.5) = 0.0
+    # token 1: repetition -2*2 = -4, then -(0.25 + 0.5); token 3 (prompt): 0.5 / 2
+    assert logits[0].tolist() == [0.0, -4.75, 1.0, 0.25]
+
+
+def test_logit_bias_and_greedy():
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    result = sample(logits, [row(temperature=0.0, logit_bias=((0, 10.0),))])
+    assert result.tokens.tolist() == [0]
+
+
+def test_sampling_follows_the_distribution():
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.tensor([0.7, 0.2, 0.1])
+    counts = torch.zeros(3)
+    for _ in range(3000):
+        state = RowState(SamplingParams(temperature=1.0), [], [], generator)
+        counts[sample(probs.log().unsqueeze(0), [state]).tokens[0]] += 1
+    assert torch.allclose(counts / counts.sum(), probs, atol=0.03)
+
+
+def test_logprobs_before_temperature():
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    result = sample(logits.clone(), [row(temperature=0.0, logprobs=2)])
+    expected = logits.log_softmax(-1)[0]
+    assert math.isclose(result.logprobs[0].item(), expected[0].item(), rel_tol=1e-6)
+    assert result.top_ids[0].tolist() == [0, 1]
