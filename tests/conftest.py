@@ -9,12 +9,19 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-import pytest
-from tiny_models import tiny_llama, tiny_qwen2, tiny_tokenizer
+import torch
 
-from decoding.engine import Engine, EngineConfig
-from decoding.model_loader import LoadedModel, from_pretrained_objects, load_model
+# Triton reads TRITON_INTERPRET when it is first imported (transformers may import it), so
+# the kernel tests' CPU interpreter must be chosen here, before anything else loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import httpx  # noqa: E402
+import pytest  # noqa: E402
+from tiny_models import tiny_llama, tiny_qwen2, tiny_tokenizer  # noqa: E402
+
+from decoding.engine import Engine, EngineConfig  # noqa: E402
+from decoding.model_loader import LoadedModel, from_pretrained_objects, load_model  # noqa: E402
 
 API_KEY = "test-key"
 
@@ -69,6 +76,7 @@ class LiveServer:
         if api_key:
             command += ["--api-key", api_key]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("TRITON_INTERPRET", None)  # the server picks kernels for its own device
         self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, text=True)
         self._wait_ready(timeout)

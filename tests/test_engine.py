@@ -189,8 +189,9 @@ def test_prompt_logprobs_match_a_plain_forward(llama):
 
 
 def test_context_limit_finishes_with_length(tokenizer):
-    from decoding.model_loader import from_pretrained_objects
     from tiny_models import tiny_llama
+
+    from decoding.model_loader import from_pretrained_objects
 
     short = from_pretrained_objects(tiny_llama(len(tokenizer)), tokenizer, "short",
                                     max_model_len=16)
