@@ -85,17 +85,28 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: without them bf16 matmuls are emulated and several times slower
+    than fp32 (measured 4x slower on an AVX2 EPYC, docs/benchmarks.md)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """bf16 by default: measured faster than fp32 on this project's CPUs (docs/benchmarks.md)."""
+    """auto: bf16 on GPUs that support it, fp16 on older ones; on CPU bf16 only where the
+    hardware computes it natively, else fp32."""
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if requested != "auto":
         if requested not in names:
             raise ModelLoadError(f"unknown dtype '{requested}' (choose one of {sorted(names)})")
         return names[requested]
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
 def _context_limit(config, requested: int | None) -> int:

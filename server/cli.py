@@ -37,8 +37,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="name clients put in 'model' (default: derived from --model)")
     group.add_argument("--dtype", default=DEFAULTS.dtype,
                        choices=["auto", "float32", "bfloat16", "float16"],
-                       help="weight and activation dtype; auto = bfloat16 (measured faster "
-                       "than float32 on CPU, see docs/benchmarks.md)")
+                       help="weight and activation dtype; auto = bfloat16 on GPUs and on CPUs with "
+                       "native bf16 (AVX512-BF16/AMX), float32 on other CPUs, where bf16 "
+                       "measured 4x slower (docs/benchmarks.md)")
     group.add_argument("--device", default=DEFAULTS.device,
                        help="torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1")
     group.add_argument("--max-model-len", type=int, default=DEFAULTS.max_model_len,
