@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from decoding.engine import Engine
+from decoding.lora_slots import AdapterWeights
 from decoding.sampling_params import SamplingParams
 from decoding.sequence import GenerationRequest, RequestOutput
 
@@ -20,8 +21,8 @@ class AsyncEngine:
     def stop(self) -> None:
         self.engine.stop()
 
-    async def generate(self, request_id: str, prompt_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       adapter: AdapterWeights | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs until it finishes. Leaving early (the client went away,
         the handler was cancelled) aborts it, which frees its KV-cache slot at once."""
         loop = asyncio.get_running_loop()
@@ -30,7 +31,8 @@ class AsyncEngine:
         def sink(output: RequestOutput) -> None:  # called on the engine thread
             loop.call_soon_threadsafe(outputs.put_nowait, output)
 
-        self.engine.submit(GenerationRequest(request_id, tuple(prompt_ids), params, sink))
+        self.engine.submit(GenerationRequest(request_id, tuple(prompt_ids), params, sink,
+                                             adapter))
         finished = False
         try:
             while not finished:

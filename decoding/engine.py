@@ -16,6 +16,8 @@ import torch
 
 from decoding.detokenizer import IncrementalDetokenizer
 from decoding.logprobs import TokenText, prompt_logprobs, token_logprob
+from decoding.lora_bank import LoraBank
+from decoding.lora_slots import LoraSlots
 from decoding.model_loader import LoadedModel
 from decoding.model_runner import ModelRunner, PrefillResult
 from decoding.sampler import RowState, SampleResult, sample
@@ -35,6 +37,9 @@ class EngineConfig:
     max_num_seqs: int = 64  # KV-cache slots = lanes decoded together
     max_queue: int = 512  # waiting requests beyond this are refused (HTTP 429)
     max_prefill_tokens: int = 4096  # padded prompt tokens per prefill forward
+    max_loras: int = 0  # LoRA slots (adapters resident at once); 0 = LoRA off
+    max_lora_rank: int = 16
+    lora_triton: bool | None = None  # None: Triton where kernels.dispatch says so
 
 
 @dataclass
@@ -60,7 +65,13 @@ class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
         self.loaded = loaded
         self.config = config or EngineConfig()
-        self.runner = ModelRunner(loaded, self.config.max_num_seqs)
+        self.lora_slots = None
+        bank = None
+        if self.config.max_loras > 0:
+            bank = LoraBank(loaded.model, self.config.max_loras, self.config.max_lora_rank,
+                            self.config.lora_triton)
+            self.lora_slots = LoraSlots(bank)
+        self.runner = ModelRunner(loaded, self.config.max_num_seqs, bank)
         self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_prefill_tokens)
         self.eos_ids = eos_token_ids(loaded)
         self.token_text = TokenText(loaded.tokenizer)
@@ -144,16 +155,25 @@ class Engine:
         parts, prefill = [], None
         if decoding:
             parts.append(self.runner.decode(
-                0, [s.output_ids[-1] for s in decoding], [s.num_tokens - 1 for s in decoding]))
+                0, [s.output_ids[-1] for s in decoding], [s.num_tokens - 1 for s in decoding],
+                [s.lora_slot for s in decoding]))
         if admitted:
             prefill = self.runner.prefill(
                 len(decoding), [s.prompt_ids for s in admitted],
-                [s.params.prompt_logprobs is not None for s in admitted])
+                [s.params.prompt_logprobs is not None for s in admitted],
+                [s.lora_slot for s in admitted])
             parts.append(prefill.last_logits)
             self.stats.prompt_tokens += sum(len(s.request.prompt_ids) for s in admitted)
         return torch.cat(parts) if len(parts) > 1 else parts[0], prefill
 
-    def _new_sequence(self, request: GenerationRequest) -> Sequence:
+    def _new_sequence(self, request: GenerationRequest) -> Sequence | None:
+        lora_slot = -1
+        if request.adapter is not None:
+            if self.lora_slots is None:
+                raise ValueError("this engine has LoRA disabled (max_loras=0)")
+            lora_slot = self.lora_slots.acquire(request.adapter)
+            if lora_slot is None:
+                return None  # every LoRA slot is pinned by running lanes: wait
         params = request.params
         generator = None
         if params.seed is not None:
@@ -162,7 +182,7 @@ class Engine:
             self.loaded.tokenizer, list(request.prompt_ids), stop=params.stop,
             include_stop=params.include_stop_str_in_output,
             skip_special_tokens=params.skip_special_tokens)
-        return Sequence(request, detokenizer, generator)
+        return Sequence(request, detokenizer, generator, lora_slot=lora_slot)
 
     @staticmethod
     def _row_state(s: Sequence) -> RowState:
@@ -236,6 +256,9 @@ class Engine:
             self.runner.move_slot(move.source, move.target, move.length)
         for lane in leaving:
             self._pending -= 1
+            if lane.lora_slot >= 0:
+                self.lora_slots.release(lane.lora_slot)
+                lane.lora_slot = -1
             reason = lane.finish_reason.value if lane.finish_reason else "unknown"
             self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from decoding.kv_cache import SlotKVCache, cache_shape_for
+from decoding.lora_bank import LoraBank
 from decoding.model_loader import LoadedModel
 
 
@@ -35,7 +36,8 @@ def decode_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, num_slots: int) -> None:
+    def __init__(self, loaded: LoadedModel, num_slots: int,
+                 lora_bank: LoraBank | None = None) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.decoder = getattr(self.model, self.model.base_model_prefix)
@@ -44,6 +46,7 @@ class ModelRunner:
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
         shape = cache_shape_for(self.model.config, num_slots, loaded.max_model_len)
         self.cache = SlotKVCache(shape, loaded.dtype, loaded.device)
+        self.lora_bank = lora_bank
 
     @property
     def vocab_size(self) -> int:
@@ -56,24 +59,31 @@ class ModelRunner:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-    def _run(self, input_ids, position_ids, mask, window) -> torch.Tensor:
+    def _run(self, input_ids, position_ids, mask, window, lora_slots) -> torch.Tensor:
+        if self.lora_bank is None or lora_slots is None:
+            return self._forward(input_ids, position_ids, mask, window)
+        with self.lora_bank.activate(lora_slots, input_ids.shape[1]):
+            return self._forward(input_ids, position_ids, mask, window)
+
+    def _forward(self, input_ids, position_ids, mask, window) -> torch.Tensor:
         out = self.decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
                            past_key_values=window, use_cache=True)
         return out.last_hidden_state  # (B, T, C)
 
     @torch.inference_mode()
-    def decode(self, first_slot: int, tokens: list[int], positions: list[int]) -> torch.Tensor:
+    def decode(self, first_slot: int, tokens: list[int], positions: list[int],
+               lora_slots: list[int] | None = None) -> torch.Tensor:
         """One new token per row at its own position; returns (B, V) logits."""
         ids = torch.tensor(tokens, device=self.device).unsqueeze(1)  # (B, 1)
         pos = torch.tensor(positions, device=self.device)  # (B,)
         kv_len = int(max(positions)) + 1
         window = self.cache.for_decode(first_slot, pos, kv_len)
-        hidden = self._run(ids, pos.unsqueeze(1), decode_mask(pos, kv_len), window)
+        hidden = self._run(ids, pos.unsqueeze(1), decode_mask(pos, kv_len), window, lora_slots)
         return self.logits(hidden[:, 0])
 
     @torch.inference_mode()
-    def prefill(self, first_slot: int, prompts: list[list[int]],
-                want_prompt_logits: list[bool]) -> PrefillResult:
+    def prefill(self, first_slot: int, prompts: list[list[int]], want_prompt_logits: list[bool],
+                lora_slots: list[int] | None = None) -> PrefillResult:
         """Right-padded prompts in consecutive slots, all starting at position 0."""
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         width = int(lengths.max())
@@ -82,7 +92,8 @@ class ModelRunner:
             ids[row, : len(prompt)] = torch.tensor(prompt, device=self.device)
         positions = torch.arange(width, device=self.device).expand(len(prompts), width)
         window = self.cache.for_prefill(first_slot, len(prompts), 0, width)
-        hidden = self._run(ids, positions, prefill_mask(lengths, width), window)  # (B, T, C)
+        mask = prefill_mask(lengths, width)
+        hidden = self._run(ids, positions, mask, window, lora_slots)  # (B, T, C)
         rows = torch.arange(len(prompts), device=self.device)
         last = self.logits(hidden[rows, lengths - 1])
         prompt_logits = [

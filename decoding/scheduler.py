@@ -26,9 +26,10 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def admit(self, make: Callable[[GenerationRequest], Sequence]) -> list[Sequence]:
+    def admit(self, make: Callable[[GenerationRequest], Sequence | None]) -> list[Sequence]:
         """Move waiting requests into free slots while the padded prefill batch stays within
-        budget (a single long prompt is always admitted alone)."""
+        budget (a single long prompt is always admitted alone). `make` returns None when a
+        request cannot start yet (its LoRA adapter has no slot): admission stops there."""
         admitted: list[Sequence] = []
         width = 0
         while self.waiting and len(self.running) + len(admitted) < self.num_slots:
@@ -36,8 +37,11 @@ class Scheduler:
             new_width = max(width, length)
             if admitted and new_width * (len(admitted) + 1) > self.max_prefill_tokens:
                 break
+            sequence = make(self.waiting[0])
+            if sequence is None:
+                break
+            self.waiting.popleft()
             width = new_width
-            sequence = make(self.waiting.popleft())
             sequence.slot = len(self.running) + len(admitted)
             admitted.append(sequence)
         self.running.extend(admitted)

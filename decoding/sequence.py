@@ -10,6 +10,7 @@ from enum import StrEnum
 import torch
 
 from decoding.detokenizer import IncrementalDetokenizer
+from decoding.lora_slots import AdapterWeights
 from decoding.sampling_params import SamplingParams
 
 
@@ -60,6 +61,7 @@ class GenerationRequest:
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     sink: OutputSink
+    adapter: AdapterWeights | None = None  # LoRA adapter run over the base model
     arrival: float = field(default_factory=time.monotonic)
 
 
@@ -72,6 +74,7 @@ class Sequence:
     generator: torch.Generator | None
     output_ids: list[int] = field(default_factory=list)
     slot: int = -1
+    lora_slot: int = -1
     finish_reason: FinishReason | None = None
     first_token_time: float | None = None
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
+from adapters.registry import AdapterRegistry
 from decoding.async_engine import AsyncEngine
 from decoding.engine import Engine, EngineConfig
 from decoding.model_loader import LoadedModel
@@ -17,18 +19,35 @@ from server.completions import completions
 from server.context import ServingContext
 from server.convert import Limits
 from server.errors import install_error_handlers
+from server.lora_routes import load_lora, register, unload_lora
 from server.metrics import Metrics
 from server.settings import ServerSettings
 
 
 def build_context(settings: ServerSettings, model: LoadedModel) -> ServingContext:
-    engine = Engine(model, EngineConfig(max_num_seqs=settings.max_num_seqs,
-                                        max_queue=settings.max_queue,
-                                        max_prefill_tokens=settings.max_prefill_tokens))
+    engine = Engine(model, EngineConfig(
+        max_num_seqs=settings.max_num_seqs, max_queue=settings.max_queue,
+        max_prefill_tokens=settings.max_prefill_tokens,
+        max_loras=settings.max_loras if settings.lora_enabled else 0,
+        max_lora_rank=settings.max_lora_rank))
     limits = Limits(max_model_len=model.max_model_len, vocab_size=engine.runner.vocab_size,
                     max_n=settings.max_n, max_stop=settings.max_stop)
-    return ServingContext(settings, model, AsyncEngine(engine), Metrics(engine), limits,
-                          int(time.time()))
+    ctx = ServingContext(settings, model, AsyncEngine(engine), Metrics(engine), limits,
+                         int(time.time()), AdapterRegistry())
+    for name, path in settings.loras:
+        register(ctx, name, Path(path).expanduser().resolve())
+    return ctx
+
+
+def model_cards(ctx: ServingContext) -> list[dict]:
+    base = {"id": ctx.model_name, "object": "model", "created": ctx.created,
+            "owned_by": "steerserve", "root": ctx.settings.model, "parent": None,
+            "max_model_len": ctx.model.max_model_len}
+    adapters = [{"id": name, "object": "model", "created": ctx.created,
+                 "owned_by": "steerserve", "root": str(adapter.path),
+                 "parent": ctx.model_name, "max_model_len": ctx.model.max_model_len}
+                for name, adapter in ctx.adapters.items()]
+    return [base, *adapters]
 
 
 def create_app(ctx: ServingContext) -> FastAPI:
@@ -62,10 +81,7 @@ def create_app(ctx: ServingContext) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
         check_api_key(request, ctx.settings.api_key)
-        return JSONResponse({"object": "list", "data": [{
-            "id": ctx.model_name, "object": "model", "created": ctx.created,
-            "owned_by": "steerserve", "root": ctx.settings.model, "parent": None,
-            "max_model_len": ctx.model.max_model_len}]})
+        return JSONResponse({"object": "list", "data": model_cards(ctx)})
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -76,5 +92,15 @@ def create_app(ctx: ServingContext) -> FastAPI:
     async def complete(request: Request):
         check_api_key(request, ctx.settings.api_key)
         return await completions(request, ctx)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_adapter(request: Request):
+        check_api_key(request, ctx.settings.api_key)
+        return await load_lora(request, ctx)
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_adapter(request: Request):
+        check_api_key(request, ctx.settings.api_key)
+        return await unload_lora(request, ctx)
 
     return app

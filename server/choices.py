@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from decoding.engine import QueueFull
+from decoding.lora_slots import AdapterWeights
 from decoding.sampling_params import SamplingParams
 from decoding.sequence import RequestOutput, TokenLogprob
 from server.context import ServingContext
@@ -19,6 +20,7 @@ class ChoiceSpec:
     index: int
     prompt_ids: list[int]
     params: SamplingParams
+    adapter: AdapterWeights | None = None
 
 
 @dataclass
@@ -58,7 +60,8 @@ def ensure_capacity(ctx: ServingContext, num_choices: int) -> None:
 async def _pump(ctx: ServingContext, request_id: str, spec: ChoiceSpec,
                 merged: asyncio.Queue) -> None:
     try:
-        async for output in ctx.engine.generate(request_id, spec.prompt_ids, spec.params):
+        async for output in ctx.engine.generate(request_id, spec.prompt_ids, spec.params,
+                                                spec.adapter):
             await merged.put((spec.index, output))
     except QueueFull as exc:
         await merged.put((spec.index, exc))

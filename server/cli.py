@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from server.settings import ServerSettings
 
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         "/v1/models, /health and /metrics.")
     add_model_options(serve)
     add_engine_options(serve)
+    add_lora_options(serve)
     add_http_options(serve)
     return parser
 
@@ -63,6 +65,36 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                        help="torch CPU threads (default: torch's choice, one per core)")
 
 
+def add_lora_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("LoRA adapters")
+    group.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                       help="load a PEFT LoRA adapter at start (repeatable); clients select it "
+                       "with \"model\": NAME. A relative PATH is taken under --adapter-dir")
+    group.add_argument("--adapter-dir", default=None,
+                       help="adapter root: runtime lora_path values must resolve inside it "
+                       "(symlinks followed)")
+    group.add_argument("--allow-runtime-lora", action="store_true",
+                       help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter "
+                       "(admin; guarded by --api-key when set)")
+    group.add_argument("--max-loras", type=int, default=DEFAULTS.max_loras,
+                       help="adapters resident at once (slots); the least recently used idle "
+                       "adapter is evicted when a new one is needed")
+    group.add_argument("--max-lora-rank", type=int, default=DEFAULTS.max_lora_rank,
+                       help="largest adapter rank accepted (slot weights are padded to it)")
+
+
+def parse_loras(values: list[str], adapter_dir: str | None) -> tuple[tuple[str, str], ...]:
+    loras = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--lora expects NAME=PATH, got '{value}'")
+        if adapter_dir and not Path(path).is_absolute():
+            path = str(Path(adapter_dir) / path)
+        loras.append((name, path))
+    return tuple(loras)
+
+
 def add_http_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("http")
     group.add_argument("--host", default=DEFAULTS.host, help="address to listen on")
@@ -87,7 +119,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_body_bytes=args.max_body_bytes,
         api_key=args.api_key or os.environ.get("STEERSERVE_API_KEY") or None,
         allow_request_chat_template=args.allow_request_chat_template, threads=args.threads,
-        log_level=args.log_level)
+        log_level=args.log_level, loras=parse_loras(args.lora, args.adapter_dir),
+        adapter_dir=args.adapter_dir, allow_runtime_lora=args.allow_runtime_lora,
+        max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
 
 
 def serve(settings: ServerSettings) -> None:

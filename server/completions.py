@@ -10,9 +10,10 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
+from decoding.lora_slots import AdapterWeights
 from server.body import parse_request
 from server.choices import ChoiceResult, ChoiceSpec, collect, ensure_capacity, run_choices
-from server.context import ServingContext, require_model
+from server.context import ServingContext, resolve_model
 from server.convert import (
     check_common,
     check_completion_extras,
@@ -21,11 +22,12 @@ from server.convert import (
     sampling_params,
 )
 from server.errors import error_payload
-from server.formatting import legacy_logprobs, new_id, usage
+from server.formatting import ResponseMeta, legacy_logprobs, new_id, usage
 from server.schemas import CompletionRequest
 
 
-def build_specs(ctx: ServingContext, req: CompletionRequest) -> list[ChoiceSpec]:
+def build_specs(ctx: ServingContext, req: CompletionRequest,
+                adapter: AdapterWeights | None) -> list[ChoiceSpec]:
     check_common(req, ctx.limits)
     check_completion_extras(req)
     prompts = completion_prompts(ctx.model.tokenizer, req, ctx.limits.vocab_size)
@@ -35,22 +37,22 @@ def build_specs(ctx: ServingContext, req: CompletionRequest) -> list[ChoiceSpec]
         scoring = req.logprobs if req.echo and req.logprobs is not None else None
         for i in range(req.n):
             params = sampling_params(req, max_tokens, req.logprobs, scoring, choice=i)
-            specs.append(ChoiceSpec(p * req.n + i, prompt, params))
+            specs.append(ChoiceSpec(p * req.n + i, prompt, params, adapter))
     return specs
 
 
 async def completions(request: Request, ctx: ServingContext):
     req = await parse_request(request, CompletionRequest, ctx.settings.max_body_bytes)
-    require_model(ctx, req.model)
-    specs = build_specs(ctx, req)
+    adapter = resolve_model(ctx, req.model)
+    specs = build_specs(ctx, req, adapter)
     ensure_capacity(ctx, len(specs))
-    response_id, created = new_id("cmpl"), int(time.time())
+    meta = ResponseMeta(new_id("cmpl"), int(time.time()), req.model)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = stream_completion(ctx, req, response_id, created, specs, include_usage)
+        events = stream_completion(ctx, req, meta, specs, include_usage)
         return EventSourceResponse(events, ping=15)
-    results = await collect(ctx, response_id, specs)
-    return JSONResponse(completion_response(ctx, req, response_id, created, specs, results))
+    results = await collect(ctx, meta.id, specs)
+    return JSONResponse(completion_response(ctx, req, meta, specs, results))
 
 
 def _choice_text_and_logprobs(ctx: ServingContext, req: CompletionRequest, spec: ChoiceSpec,
@@ -62,9 +64,8 @@ def _choice_text_and_logprobs(ctx: ServingContext, req: CompletionRequest, spec:
     return prefix + result.text, legacy_logprobs(records)
 
 
-def completion_response(ctx: ServingContext, req: CompletionRequest, response_id: str,
-                        created: int, specs: list[ChoiceSpec],
-                        results: list[ChoiceResult]) -> dict:
+def completion_response(ctx: ServingContext, req: CompletionRequest, meta: ResponseMeta,
+                        specs: list[ChoiceSpec], results: list[ChoiceResult]) -> dict:
     failed = next((r for r in results if r.error), None)
     if failed is not None:
         return error_payload(500, failed.error)
@@ -74,37 +75,34 @@ def completion_response(ctx: ServingContext, req: CompletionRequest, response_id
         choices.append({"index": spec.index, "text": text, "logprobs": logprobs,
                         "finish_reason": result.finish_reason})
     prompt_tokens = sum(len(s.prompt_ids) for s in specs[:: req.n])
-    return {"id": response_id, "object": "text_completion", "created": created,
-            "model": ctx.model_name, "choices": choices,
-            "usage": usage(prompt_tokens, sum(r.completion_tokens for r in results))}
+    body = meta.envelope("text_completion", choices)
+    body["usage"] = usage(prompt_tokens, sum(r.completion_tokens for r in results))
+    return body
 
 
-def _chunk(ctx: ServingContext, response_id: str, created: int, choices: list[dict],
-           usage_block: dict | None = None) -> str:
-    body = {"id": response_id, "object": "text_completion", "created": created,
-            "model": ctx.model_name, "choices": choices}
+def _chunk(meta: ResponseMeta, choices: list[dict], usage_block: dict | None = None) -> str:
+    body = meta.envelope("text_completion", choices)
     if usage_block is not None:
         body["usage"] = usage_block
     return json.dumps(body, ensure_ascii=False)
 
 
-async def stream_completion(ctx: ServingContext, req: CompletionRequest, response_id: str,
-                            created: int, specs: list[ChoiceSpec],
-                            include_usage: bool) -> AsyncIterator[str]:
+async def stream_completion(ctx: ServingContext, req: CompletionRequest, meta: ResponseMeta,
+                            specs: list[ChoiceSpec], include_usage: bool) -> AsyncIterator[str]:
     if req.echo:
         for spec in specs:
             text = ctx.model.tokenizer.decode(spec.prompt_ids)
-            yield _chunk(ctx, response_id, created, [
+            yield _chunk(meta, [
                 {"index": spec.index, "text": text, "logprobs": None, "finish_reason": None}])
     completion_tokens = 0
-    async for index, output in run_choices(ctx, response_id, specs):
+    async for index, output in run_choices(ctx, meta.id, specs):
         if output.error:
             yield json.dumps(error_payload(500, output.error))
             break
         if not (output.text or output.finished or output.logprobs):
             continue
         logprobs = legacy_logprobs(list(output.logprobs)) if req.logprobs is not None else None
-        yield _chunk(ctx, response_id, created, [{
+        yield _chunk(meta, [{
             "index": index, "text": output.text, "logprobs": logprobs,
             "finish_reason": output.finish_reason.value if output.finished else None}])
         if output.finished:
@@ -112,5 +110,5 @@ async def stream_completion(ctx: ServingContext, req: CompletionRequest, respons
     else:
         if include_usage:
             prompt_tokens = sum(len(s.prompt_ids) for s in specs[:: req.n])
-            yield _chunk(ctx, response_id, created, [], usage(prompt_tokens, completion_tokens))
+            yield _chunk(meta, [], usage(prompt_tokens, completion_tokens))
     yield "[DONE]"

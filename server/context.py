@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from adapters.registry import AdapterRegistry
 from decoding.async_engine import AsyncEngine
+from decoding.lora_slots import AdapterWeights
 from decoding.model_loader import LoadedModel
 from server.convert import Limits
 from server.errors import APIError
@@ -20,13 +22,20 @@ class ServingContext:
     metrics: Metrics
     limits: Limits
     created: int
+    adapters: AdapterRegistry
 
     @property
     def model_name(self) -> str:
         return self.model.name
 
 
-def require_model(ctx: ServingContext, name: str) -> None:
-    if name != ctx.model_name:
+def resolve_model(ctx: ServingContext, name: str) -> AdapterWeights | None:
+    """The request's `model`: the base model (None) or a LoRA adapter over it (vLLM's rule)."""
+    if name == ctx.model_name:
+        return None
+    adapter = ctx.adapters.get(name)
+    if adapter is None:
+        served = [ctx.model_name] + [n for n, _ in ctx.adapters.items()]
         raise APIError(404, f"The model '{name}' does not exist on this server "
-                       f"(served: {ctx.model_name})", "model", "model_not_found")
+                       f"(served: {', '.join(served)})", "model", "model_not_found")
+    return adapter

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 
 from decoding.sequence import TokenLogprob
 
@@ -42,3 +43,16 @@ def legacy_logprobs(records: list[TokenLogprob], text_offset: int = 0) -> dict:
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+
+
+@dataclass(frozen=True)
+class ResponseMeta:
+    """What every response object and chunk of one request repeats."""
+
+    id: str
+    created: int
+    model: str  # as the client named it: the base model or an adapter
+
+    def envelope(self, object_name: str, choices: list[dict]) -> dict:
+        return {"id": self.id, "object": object_name, "created": self.created,
+                "model": self.model, "choices": choices}

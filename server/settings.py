@@ -23,4 +23,13 @@ class ServerSettings:
     api_key: str | None = None
     allow_request_chat_template: bool = False
     threads: int | None = None
+    loras: tuple[tuple[str, str], ...] = ()  # (name, path) loaded at start
+    adapter_dir: str | None = None  # root that runtime lora_path values are confined to
+    allow_runtime_lora: bool = False
+    max_loras: int = 8
+    max_lora_rank: int = 16
     log_level: str = "info"
+
+    @property
+    def lora_enabled(self) -> bool:
+        return bool(self.loras) or self.allow_runtime_lora

@@ -16,9 +16,9 @@ class Collector:
         self.outputs: dict[str, list[RequestOutput]] = defaultdict(list)
 
     def submit(self, engine: Engine, request_id: str, prompt: list[int],
-               params: SamplingParams) -> None:
+               params: SamplingParams, adapter=None) -> None:
         engine.submit(GenerationRequest(request_id, tuple(prompt), params,
-                                        self.outputs[request_id].append))
+                                        self.outputs[request_id].append, adapter))
 
     def tokens(self, request_id: str) -> list[int]:
         return [t for o in self.outputs[request_id] for t in o.token_ids]
