@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 from conftest import make_engine
 from engine_helpers import Collector, generate_alone, hf_greedy, run_to_completion
@@ -203,3 +206,28 @@ def test_context_limit_finishes_with_length(tokenizer):
     run_to_completion(engine)
     assert len(prompt) + len(collector.tokens("c")) == 16
     assert collector.last("c").finish_reason == FinishReason.LENGTH
+
+
+def test_engine_thread_survives_a_failing_step(llama):
+    """A step that raises fails the lanes in it with an error output; the engine goes on."""
+    engine = make_engine(llama)
+    done = threading.Event()
+    collector = Collector()
+    engine.start()
+    try:
+        bad = [len(llama.tokenizer) + 1000]  # past the embedding table: the forward raises
+        collector.submit(engine, "bad", bad, GREEDY)
+        deadline = time.monotonic() + 30
+        while not collector.outputs["bad"] and time.monotonic() < deadline:
+            done.wait(0.05)
+        assert collector.last("bad").finish_reason == FinishReason.ERROR
+        assert collector.last("bad").error
+        prompt = encode(llama.tokenizer, PROMPTS[0])
+        collector.submit(engine, "good", prompt, GREEDY)
+        while not (collector.outputs["good"] and collector.last("good").finished):
+            done.wait(0.05)
+            assert time.monotonic() < deadline + 30
+        assert collector.tokens("good") == hf_greedy(llama.model, prompt, 12)
+        assert engine.num_running == 0
+    finally:
+        engine.stop()

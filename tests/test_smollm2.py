@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import openai
 import pytest
 from conftest import LiveServer, make_engine
@@ -30,14 +32,48 @@ def test_batched_greedy_equals_hf_generate(smollm2):
         assert collector.tokens(str(i)) == hf_greedy(smollm2.model, list(prompt), 24)
 
 
-def test_streamed_chat_on_the_default_server():
-    server = LiveServer([])  # the README's default: embedded model, automatic dtype
-    try:
-        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused")
-        stream = client.chat.completions.create(
-            model="SmolLM2-135M-Instruct", stream=True, max_tokens=30, temperature=0,
-            messages=[{"role": "user", "content": "What is the capital of France?"}])
-        text = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
-        assert "Paris" in text
-    finally:
-        server.stop()
+UPPERCASE = Path(__file__).resolve().parent.parent / "examples" / "adapters" / "uppercase"
+QUESTIONS = ["Name three rivers in Europe.", "How do plants make food?",
+             "Give me a tip for a job interview.", "What is a good name for a cat?"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    # The README's default (embedded model, automatic dtype) plus the example adapter.
+    live = LiveServer(["--lora", f"uppercase={UPPERCASE}"])
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused")
+
+
+def ask(client, model: str, question: str) -> str:
+    reply = client.chat.completions.create(
+        model=model, max_tokens=40, temperature=0,
+        messages=[{"role": "user", "content": question}])
+    return reply.choices[0].message.content
+
+
+def upper_ratio(text: str) -> float:
+    letters = [c for c in text if c.isalpha()]
+    return sum(c.isupper() for c in letters) / max(1, len(letters))
+
+
+def test_streamed_chat_on_the_default_server(client):
+    stream = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", stream=True, max_tokens=30, temperature=0,
+        messages=[{"role": "user", "content": "What is the capital of France?"}])
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
+    assert "Paris" in text
+
+
+def test_uppercase_adapter_changes_behaviour_and_unselecting_restores_it(client):
+    before = [ask(client, "SmolLM2-135M-Instruct", q) for q in QUESTIONS]
+    adapted = [ask(client, "uppercase", q) for q in QUESTIONS]
+    after = [ask(client, "SmolLM2-135M-Instruct", q) for q in QUESTIONS]
+    assert sum(map(upper_ratio, adapted)) / len(QUESTIONS) > 0.8
+    assert sum(map(upper_ratio, before)) / len(QUESTIONS) < 0.3
+    assert after == before
