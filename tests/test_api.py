@@ -8,7 +8,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import API_KEY
+from support import API_KEY
 
 CHAT = [{"role": "user", "content": "The capital of France is"}]
 

@@ -6,8 +6,8 @@ import threading
 import time
 
 import pytest
-from conftest import make_engine
 from engine_helpers import Collector, generate_alone, hf_greedy, run_to_completion
+from support import make_engine
 
 from decoding.sampling_params import SamplingParams
 from decoding.sequence import FinishReason

@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
-from conftest import make_engine
 from engine_helpers import Collector, run_to_completion
 from peft import LoraConfig, get_peft_model
+from support import make_engine
 from tiny_models import tiny_llama
 
 from adapters.lora_files import load_lora_adapter

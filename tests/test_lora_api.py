@@ -10,8 +10,8 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import API_KEY, LiveServer
 from peft import LoraConfig, get_peft_model
+from support import API_KEY, LiveServer
 from tiny_models import tiny_llama
 
 CHAT = [{"role": "user", "content": "The capital of France is"}]

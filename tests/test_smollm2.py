@@ -6,8 +6,8 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import LiveServer, make_engine
 from engine_helpers import Collector, hf_greedy, run_to_completion
+from support import LiveServer, make_engine
 
 from decoding.sampling_params import SamplingParams
 
