@@ -6,6 +6,8 @@ the cache as a view (no gather). When a lane leaves, the last lane's rows move i
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -26,16 +28,36 @@ def cache_shape_for(config, num_slots: int, max_len: int) -> CacheShape:
     return CacheShape(config.num_hidden_layers, num_slots, kv_heads, head_dim, max_len)
 
 
+def lazy_zeros(dims: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+    """A zero tensor whose CPU memory is committed only where it is written.
+
+    Attention reads every row up to the batch's longest length, masked; a masked position still
+    multiplies its value by a zero weight, so it must hold a finite number (0 * NaN = NaN).
+    torch.empty may hand back recycled memory holding NaNs, torch.zeros touches every page of a
+    cache sized for all slots at full context; an anonymous mmap is zero and lazily committed.
+    """
+    if device.type != "cpu":
+        return torch.zeros(dims, dtype=dtype, device=device), None
+    nbytes = math.prod(dims) * torch.empty((), dtype=dtype).element_size()
+    buffer = mmap.mmap(-1, max(nbytes, 1))
+    tensor = torch.frombuffer(buffer, dtype=dtype, count=math.prod(dims)).view(dims)
+    return tensor, buffer
+
+
 class SlotKVCache:
     """Per layer, keys and values of shape (slots, kv_heads, max_len, head_dim)."""
 
     def __init__(self, shape: CacheShape, dtype: torch.dtype, device: torch.device) -> None:
         self.shape = shape
         dims = (shape.num_slots, shape.num_kv_heads, shape.max_len, shape.head_dim)
-        # torch.empty: pages are committed only when a slot is written.
-        self.keys = [torch.empty(dims, dtype=dtype, device=device) for _ in range(shape.num_layers)]
-        self.values = [torch.empty(dims, dtype=dtype, device=device)
-                       for _ in range(shape.num_layers)]
+        self._buffers = []  # the mmaps behind CPU tensors must outlive them
+        self.keys = [self._allocate(dims, dtype, device) for _ in range(shape.num_layers)]
+        self.values = [self._allocate(dims, dtype, device) for _ in range(shape.num_layers)]
+
+    def _allocate(self, dims, dtype, device) -> torch.Tensor:
+        tensor, buffer = lazy_zeros(dims, dtype, device)
+        self._buffers.append(buffer)
+        return tensor
 
     def for_prefill(self, first_slot: int, num_rows: int, start: int, length: int) -> CacheWindow:
         """Rows first_slot.. write positions start..start+length-1 and read 0..start+length-1."""
