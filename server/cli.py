@@ -143,10 +143,6 @@ def serve(settings: ServerSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    # OpenMP workers that spin while waiting steal the cores the event loop and tokenizer need
-    # (and collapse under any other load); sleeping workers measured up to 4x faster at
-    # concurrency 1 on a busy 2-core machine (docs/benchmarks.md). Set before torch loads.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
