@@ -102,7 +102,8 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
 
 def chat_prompt(tokenizer, req: ChatCompletionRequest) -> list[int]:
     """Render with the model's own template (transformers renders in a Jinja sandbox)."""
-    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                for m in req.messages]
     if getattr(tokenizer, "chat_template", None) is None:
         raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
