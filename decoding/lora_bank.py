@@ -26,7 +26,8 @@ class LoraBatch:
 
     token_slots: torch.Tensor  # (N,) int64, -1 = no adapter
     used: tuple[int, ...]  # distinct slots in use, sorted
-    mask: torch.Tensor  # (N, len(used) * R): scaling where the token uses that block, else 0
+    rank: int  # largest rank among them: the dense path skips the zero padding beyond it
+    mask: torch.Tensor  # (N, len(used) * rank): scaling where the token uses that block, else 0
     decode: bool
 
 
@@ -57,6 +58,7 @@ class LoraBank:
         self.lora_a: dict[str, torch.Tensor] = {}  # key -> (S, R, in)
         self.lora_b: dict[str, torch.Tensor] = {}  # key -> (S, out, R)
         self.scaling = torch.zeros(num_slots, dtype=torch.float32, device=self.device)
+        self.slot_rank = [0] * num_slots
         self.active: LoraBatch | None = None
         self._dense_cache: dict[tuple[str, tuple[int, ...]], tuple] = {}
         if use_triton is None:
@@ -82,6 +84,7 @@ class LoraBank:
             self.lora_a[key][slot, :rank] = a.to(self.dtype)
             self.lora_b[key][slot, :, :rank] = b.to(self.dtype)
         self.scaling[slot] = scaling
+        self.slot_rank[slot] = max((a.shape[0] for a, _ in weights.values()), default=0)
         self._dense_cache.clear()
 
     def _allocate(self, key: str) -> None:
@@ -111,8 +114,9 @@ class LoraBank:
         used = tuple(sorted({s for s in row_slots if s >= 0}))
         block = (token_slots.unsqueeze(1) == torch.tensor(used, device=self.device))  # (N, U)
         scale = self.scaling[list(used)].to(self.dtype)  # (U,)
-        mask = (block.to(self.dtype) * scale).repeat_interleave(self.max_rank, dim=1)
-        return LoraBatch(token_slots, used, mask, tokens_per_row == 1)
+        rank = max(self.slot_rank[s] for s in used)
+        mask = (block.to(self.dtype) * scale).repeat_interleave(rank, dim=1)  # (N, U * rank)
+        return LoraBatch(token_slots, used, rank, mask, tokens_per_row == 1)
 
     def apply(self, key: str, x: torch.Tensor, y: torch.Tensor, batch: LoraBatch) -> None:
         """y += scale * B (A x) per token; x: (N, in), y: (N, out) a view into the output."""
@@ -121,7 +125,7 @@ class LoraBank:
             return
         # CPU: one dense matmul over all slots in use beats one small matmul per slot, whose
         # cost is dominated by per-op overhead at these sizes.
-        a_used, b_used = self._dense(key, batch.used)  # (U*R, in), (U*R, out)
+        a_used, b_used = self._dense(key, batch.used, batch.rank)  # (U*r, in), (U*r, out)
         y += ((x @ a_used.T) * batch.mask) @ b_used
 
     def _apply_kernels(self, key: str, x: torch.Tensor, y: torch.Tensor,
@@ -134,15 +138,16 @@ class LoraBank:
             apply_lora_sgmv(x, a, b, segments.starts, segments.adapter, self.scaling, y,
                             segments.max_len)
 
-    def _dense(self, key: str, used: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _dense(self, key: str, used: tuple[int, ...],
+               rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         cached = self._dense_cache.get((key, used))
         if cached is None:
             if len(self._dense_cache) > 4 * len(self.lora_a):
                 self._dense_cache.clear()  # keep only recent slot sets
             slots = list(used)
-            a = self.lora_a[key][slots].reshape(-1, self.lora_a[key].shape[-1])
-            b = self.lora_b[key][slots].transpose(1, 2).reshape(-1, self.lora_b[key].shape[1])
-            cached = (a.contiguous(), b.contiguous())
+            a = self.lora_a[key][slots, :rank].reshape(-1, self.lora_a[key].shape[-1])
+            b = self.lora_b[key][slots, :, :rank].transpose(1, 2)
+            cached = (a.contiguous(), b.reshape(-1, self.lora_b[key].shape[1]).contiguous())
             self._dense_cache[(key, used)] = cached
         return cached
 
