@@ -48,7 +48,7 @@ class AsyncEngine:
     def stop(self) -> None:
         self.engine.stop()
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+    async def stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        adapter: AdapterWeights | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs until it finishes. Leaving early (the client went away,
         the handler was cancelled) aborts it, which frees its KV-cache slot at once."""

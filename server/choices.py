@@ -60,7 +60,7 @@ def ensure_capacity(ctx: ServingContext, num_choices: int) -> None:
 async def _pump(ctx: ServingContext, request_id: str, spec: ChoiceSpec,
                 merged: asyncio.Queue) -> None:
     try:
-        async for output in ctx.engine.generate(request_id, spec.prompt_ids, spec.params,
+        async for output in ctx.engine.stream(request_id, spec.prompt_ids, spec.params,
                                                 spec.adapter):
             await merged.put((spec.index, output))
     except QueueFull as exc:
