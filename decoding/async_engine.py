@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 from decoding.engine import Engine
 from decoding.lora_slots import AdapterWeights
 from decoding.sampling_params import SamplingParams
 from decoding.sequence import GenerationRequest, RequestOutput
+from decoding.steering_spec import SteeringSpec
+
+Result = TypeVar("Result")
 
 
 class OutputDispatcher:
@@ -48,8 +52,13 @@ class AsyncEngine:
     def stop(self) -> None:
         self.engine.stop()
 
+    async def call(self, work: Callable[[], Result]) -> Result:
+        """Run model work (vector extraction) on the engine thread, between steps."""
+        return await asyncio.wrap_future(self.engine.call_between_steps(work))
+
     async def stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       adapter: AdapterWeights | None = None) -> AsyncIterator[RequestOutput]:
+                     adapter: AdapterWeights | None = None,
+                     steering: SteeringSpec | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs until it finishes. Leaving early (the client went away,
         the handler was cancelled) aborts it, which frees its KV-cache slot at once."""
         loop = asyncio.get_running_loop()
@@ -59,7 +68,7 @@ class AsyncEngine:
             self._dispatcher.send(loop, outputs, output)
 
         self.engine.submit(GenerationRequest(request_id, tuple(prompt_ids), params, sink,
-                                             adapter))
+                                             adapter, steering))
         finished = False
         try:
             while not finished:

@@ -10,6 +10,8 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +30,8 @@ from decoding.sequence import (
     RequestOutput,
     Sequence,
 )
+from decoding.steering_hooks import install_steering_hooks
+from decoding.steering_plan import SteeringPlan, decode_plan, prefill_plan
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +75,9 @@ class Engine:
             bank = LoraBank(loaded.model, self.config.max_loras, self.config.max_lora_rank,
                             self.config.lora_triton)
             self.lora_slots = LoraSlots(bank)
+        install_steering_hooks(loaded.model)
         self.runner = ModelRunner(loaded, self.config.max_num_seqs, bank)
+        self._decode_plan: tuple[tuple, SteeringPlan | None] = ((), None)
         self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_prefill_tokens)
         self.eos_ids = eos_token_ids(loaded)
         self.token_text = TokenText(loaded.tokenizer)
@@ -90,6 +96,12 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
+
+    def call_between_steps(self, work: Callable[[], object]) -> Future:
+        """Run `work` on the engine thread between two steps (it may use the model)."""
+        future: Future = Future()
+        self._inbox.put(("call", (work, future)))
+        return future
 
     @property
     def num_running(self) -> int:
@@ -128,6 +140,13 @@ class Engine:
             self.scheduler.waiting.append(payload)
         elif kind == "abort":
             self._abort(payload)
+        elif kind == "call":
+            work, future = payload
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(work())
+                except Exception as exc:  # reported to the caller, the engine goes on
+                    future.set_exception(exc)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -156,15 +175,26 @@ class Engine:
         if decoding:
             parts.append(self.runner.decode(
                 0, [s.output_ids[-1] for s in decoding], [s.num_tokens - 1 for s in decoding],
-                [s.lora_slot for s in decoding]))
+                [s.lora_slot for s in decoding], self._steering_for_decode(decoding)))
         if admitted:
+            prompts = [s.prompt_ids for s in admitted]
+            steering = prefill_plan([s.request.steering for s in admitted],
+                                    [len(p) for p in prompts], max(len(p) for p in prompts),
+                                    self.loaded.device)
             prefill = self.runner.prefill(
-                len(decoding), [s.prompt_ids for s in admitted],
-                [s.params.prompt_logprobs is not None for s in admitted],
-                [s.lora_slot for s in admitted])
+                len(decoding), prompts, [s.params.prompt_logprobs is not None for s in admitted],
+                [s.lora_slot for s in admitted], steering)
             parts.append(prefill.last_logits)
             self.stats.prompt_tokens += sum(len(s.request.prompt_ids) for s in admitted)
         return torch.cat(parts) if len(parts) > 1 else parts[0], prefill
+
+    def _steering_for_decode(self, decoding: list[Sequence]) -> SteeringPlan | None:
+        """Rebuilt only when the running lanes change (their order is the batch order)."""
+        specs = [s.request.steering for s in decoding]
+        key = tuple(specs)  # specs compare by identity, and the key keeps them alive
+        if key != self._decode_plan[0]:
+            self._decode_plan = (key, decode_plan(specs, self.loaded.device))
+        return self._decode_plan[1]
 
     def _new_sequence(self, request: GenerationRequest) -> Sequence | None:
         lora_slot = -1

@@ -13,6 +13,8 @@ import torch
 from decoding.kv_cache import SlotKVCache, cache_shape_for
 from decoding.lora_bank import LoraBank
 from decoding.model_loader import LoadedModel
+from decoding.steering_hooks import PLAN_KEYWORD
+from decoding.steering_plan import Capture, SteeringPlan
 
 
 @dataclass(frozen=True)
@@ -59,41 +61,41 @@ class ModelRunner:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-    def _run(self, input_ids, position_ids, mask, window, lora_slots) -> torch.Tensor:
+    def _run(self, input_ids, position_ids, mask, window, lora_slots,
+             steering: SteeringPlan | None) -> torch.Tensor:
         if self.lora_bank is None or lora_slots is None:
-            return self._forward(input_ids, position_ids, mask, window)
+            return self._forward(input_ids, position_ids, mask, window, steering)
         with self.lora_bank.activate(lora_slots, input_ids.shape[1]):
-            return self._forward(input_ids, position_ids, mask, window)
+            return self._forward(input_ids, position_ids, mask, window, steering)
 
-    def _forward(self, input_ids, position_ids, mask, window) -> torch.Tensor:
+    def _forward(self, input_ids, position_ids, mask, window,
+                 steering: SteeringPlan | None) -> torch.Tensor:
+        extra = {PLAN_KEYWORD: steering} if steering else {}  # unsteered batches: no plan
         out = self.decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
-                           past_key_values=window, use_cache=True)
+                           past_key_values=window, use_cache=window is not None, **extra)
         return out.last_hidden_state  # (B, T, C)
 
     @torch.inference_mode()
     def decode(self, first_slot: int, tokens: list[int], positions: list[int],
-               lora_slots: list[int] | None = None) -> torch.Tensor:
+               lora_slots: list[int] | None = None,
+               steering: SteeringPlan | None = None) -> torch.Tensor:
         """One new token per row at its own position; returns (B, V) logits."""
         ids = torch.tensor(tokens, device=self.device).unsqueeze(1)  # (B, 1)
         pos = torch.tensor(positions, device=self.device)  # (B,)
         kv_len = int(max(positions)) + 1
         window = self.cache.for_decode(first_slot, pos, kv_len)
-        hidden = self._run(ids, pos.unsqueeze(1), decode_mask(pos, kv_len), window, lora_slots)
+        hidden = self._run(ids, pos.unsqueeze(1), decode_mask(pos, kv_len), window, lora_slots,
+                           steering)
         return self.logits(hidden[:, 0])
 
     @torch.inference_mode()
     def prefill(self, first_slot: int, prompts: list[list[int]], want_prompt_logits: list[bool],
-                lora_slots: list[int] | None = None) -> PrefillResult:
+                lora_slots: list[int] | None = None,
+                steering: SteeringPlan | None = None) -> PrefillResult:
         """Right-padded prompts in consecutive slots, all starting at position 0."""
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        width = int(lengths.max())
-        ids = torch.zeros(len(prompts), width, dtype=torch.long, device=self.device)
-        for row, prompt in enumerate(prompts):
-            ids[row, : len(prompt)] = torch.tensor(prompt, device=self.device)
-        positions = torch.arange(width, device=self.device).expand(len(prompts), width)
-        window = self.cache.for_prefill(first_slot, len(prompts), 0, width)
-        mask = prefill_mask(lengths, width)
-        hidden = self._run(ids, positions, mask, window, lora_slots)  # (B, T, C)
+        ids, lengths, positions, mask = self._padded(prompts)
+        window = self.cache.for_prefill(first_slot, len(prompts), 0, ids.shape[1])
+        hidden = self._run(ids, positions, mask, window, lora_slots, steering)  # (B, T, C)
         rows = torch.arange(len(prompts), device=self.device)
         last = self.logits(hidden[rows, lengths - 1])
         prompt_logits = [
@@ -101,6 +103,22 @@ class ModelRunner:
             for row, wanted in enumerate(want_prompt_logits)
         ]
         return PrefillResult(last, prompt_logits)
+
+    @torch.inference_mode()
+    def capture(self, prompts: list[list[int]], capture: Capture) -> None:
+        """Forward prompts without the cache, filling `capture.found` (vector extraction)."""
+        ids, _, positions, mask = self._padded(prompts)
+        self._forward(ids, positions, mask, None, SteeringPlan(capture=capture))
+
+    def _padded(self, prompts: list[list[int]]):
+        """Right-padded ids (B, T), lengths (B,), positions (B, T) and the 4D mask."""
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        width = int(lengths.max())
+        ids = torch.zeros(len(prompts), width, dtype=torch.long, device=self.device)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = torch.tensor(prompt, device=self.device)
+        positions = torch.arange(width, device=self.device).expand(len(prompts), width)
+        return ids, lengths, positions, prefill_mask(lengths, width)
 
     def move_slot(self, source: int, target: int, length: int) -> None:
         self.cache.move_slot(source, target, length)

@@ -12,6 +12,7 @@ import torch
 from decoding.detokenizer import IncrementalDetokenizer
 from decoding.lora_slots import AdapterWeights
 from decoding.sampling_params import SamplingParams
+from decoding.steering_spec import SteeringSpec
 
 
 class FinishReason(StrEnum):
@@ -62,6 +63,7 @@ class GenerationRequest:
     params: SamplingParams
     sink: OutputSink
     adapter: AdapterWeights | None = None  # LoRA adapter run over the base model
+    steering: SteeringSpec | None = None  # activation steering edits, per layer
     arrival: float = field(default_factory=time.monotonic)
 
 

@@ -294,11 +294,10 @@ def steer_residual(
 ) -> torch.Tensor:
     """Apply every row's steering for one layer in place; Triton or PyTorch by device."""
     _require(isinstance(hidden, torch.Tensor), "hidden must be a torch.Tensor")
-    impl = (
-        steer_residual_triton
-        if _use_triton("steer_residual", hidden.device)
-        else steer_residual_torch
-    )
+    if _use_triton("steer_residual", hidden.device):
+        impl = steer_residual_triton
+    else:
+        from .steering_dense import steer_residual_dense as impl  # batched, not per row
     return impl(hidden, vectors, vector_index, scale, mode, normalize, position_mask)
 
 
@@ -370,5 +369,8 @@ def steer_heads(
 ) -> torch.Tensor:
     """Add every row's head offsets for one layer in place; Triton or PyTorch by device."""
     _require(isinstance(attn_out, torch.Tensor), "attn_out must be a torch.Tensor")
-    impl = steer_heads_triton if _use_triton("steer_heads", attn_out.device) else steer_heads_torch
+    if _use_triton("steer_heads", attn_out.device):
+        impl = steer_heads_triton
+    else:
+        from .steering_dense import steer_heads_dense as impl  # batched, not per row
     return impl(attn_out, head_offsets, offset_index, scale, position_mask)

@@ -26,6 +26,7 @@ from kernels.steering import (
     steer_residual_torch,
     steer_residual_triton,
 )
+from kernels.steering_dense import steer_heads_dense, steer_residual_dense
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 _CAN_RUN_TRITON = importlib.util.find_spec("triton") is not None and (
@@ -46,10 +47,12 @@ DTYPES = list(TOLERANCES)
 
 RESIDUAL_IMPLS = [
     pytest.param(steer_residual_torch, id="torch"),
+    pytest.param(steer_residual_dense, id="dense"),
     pytest.param(steer_residual_triton, id="triton", marks=requires_triton),
 ]
 HEADS_IMPLS = [
     pytest.param(steer_heads_torch, id="torch"),
+    pytest.param(steer_heads_dense, id="dense"),
     pytest.param(steer_heads_triton, id="triton", marks=requires_triton),
 ]
 
@@ -464,3 +467,42 @@ def test_module_level_imports_leave_triton_out() -> None:
         elif isinstance(node, ast.ImportFrom):
             imported.add("." * node.level + (node.module or ""))
     assert not any("triton" in name or "steer_" in name for name in imported), imported
+
+
+# --------------------------------------------------------------------------- dense (CPU path)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("num_rows", "seq", "hidden_size", "k", "masked"), RESIDUAL_SHAPES)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_residual_dense_matches_reference(
+    dtype: torch.dtype, num_rows: int, seq: int, hidden_size: int, k: int, masked: bool,
+    normalize: bool,
+) -> None:
+    case = _residual_case(num_rows, seq, hidden_size, k, dtype, masked=masked)
+    case["normalize"] = torch.full((num_rows,), normalize, device=DEVICE)
+    hidden = case["hidden"]
+    assert hidden is not None
+    args = [case[name] for name in list(case)[1:]]
+    expected = steer_residual_torch(hidden.clone(), *args)
+    got = steer_residual_dense(hidden.clone(), *args)
+    torch.testing.assert_close(got, expected, **TOLERANCES[dtype])
+    untouched = _untouched(case)
+    assert torch.equal(got[untouched], hidden[untouched])
+    assert not torch.equal(got[-1, -1], hidden[-1, -1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("num_rows", "seq", "num_heads", "head_dim", "masked"), HEADS_SHAPES)
+def test_heads_dense_matches_reference(
+    dtype: torch.dtype, num_rows: int, seq: int, num_heads: int, head_dim: int, masked: bool
+) -> None:
+    case = _heads_case(num_rows, seq, num_heads, head_dim, dtype, masked=masked)
+    before = case["attn_out"]
+    assert before is not None
+    args = [case[name] for name in list(case)[1:]]
+    expected = steer_heads_torch(before.clone(), *args)
+    got = steer_heads_dense(before.clone(), *args)
+    torch.testing.assert_close(got, expected, **TOLERANCES[dtype])
+    if num_rows > 1:  # row 0 has no offsets: bit-identical
+        assert torch.equal(got[0], before[0])
