@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -9,10 +11,13 @@ from pathlib import Path
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
+from adapters.lora_files import AdapterError
 from adapters.registry import AdapterRegistry
+from adapters.vector_store import VectorStore
 from decoding.async_engine import AsyncEngine
 from decoding.engine import Engine, EngineConfig
 from decoding.model_loader import LoadedModel
+from decoding.steering_spec import ModelShape
 from server.auth import check_api_key
 from server.chat import chat_completions
 from server.completions import completions
@@ -22,6 +27,9 @@ from server.errors import install_error_handlers
 from server.lora_routes import load_lora, register, unload_lora
 from server.metrics import Metrics
 from server.settings import ServerSettings
+from server.steering_routes import delete_vector, describe_vector, extract_vector, list_vectors
+
+logger = logging.getLogger(__name__)
 
 
 def build_context(settings: ServerSettings, model: LoadedModel) -> ServingContext:
@@ -33,10 +41,41 @@ def build_context(settings: ServerSettings, model: LoadedModel) -> ServingContex
     limits = Limits(max_model_len=model.max_model_len, vocab_size=engine.runner.vocab_size,
                     max_n=settings.max_n, max_stop=settings.max_stop)
     ctx = ServingContext(settings, model, AsyncEngine(engine), Metrics(engine), limits,
-                         int(time.time()), AdapterRegistry())
+                         int(time.time()), AdapterRegistry(), load_vectors(settings),
+                         ModelShape.of(model.model.config))
     for name, path in settings.loras:
         register(ctx, name, Path(path).expanduser().resolve())
+    check_vector_widths(ctx)
     return ctx
+
+
+def load_vectors(settings: ServerSettings) -> VectorStore:
+    """The vectors directory, then each --steering-vector file (read, never copied)."""
+    directory = Path(settings.vectors_dir).expanduser() if settings.vectors_dir else None
+    store = VectorStore(directory)
+    try:
+        store.load_directory()
+        for name, path in settings.steering_vectors:
+            store.add_file(name, Path(path).expanduser())
+            logger.info("loaded steering vector '%s' from %s", name, path)
+    except AdapterError as exc:
+        raise SystemExit(f"steering vectors: {exc}") from exc
+    return store
+
+
+def check_vector_widths(ctx: ServingContext) -> None:
+    """A vector file given at start must fit the model; directory files may belong to
+    other models (they are refused per request, with a 400)."""
+    given = {name for name, _ in ctx.settings.steering_vectors}
+    for name, vector in ctx.vectors.items():
+        expected = ctx.shape.hidden_size if vector.target == "residual" else \
+            ctx.shape.heads_width
+        if vector.width != expected:
+            message = (f"steering vector '{name}' has width {vector.width}, the model needs "
+                       f"{expected}")
+            if name in given:
+                raise SystemExit(message)
+            logger.warning("%s: requests using it will be refused", message)
 
 
 def model_cards(ctx: ServingContext) -> list[dict]:
@@ -103,4 +142,27 @@ def create_app(ctx: ServingContext) -> FastAPI:
         check_api_key(request, ctx.settings.api_key)
         return await unload_lora(request, ctx)
 
+    add_steering_routes(app, ctx)
     return app
+
+
+def add_steering_routes(app: FastAPI, ctx: ServingContext) -> None:
+    @app.post("/v1/steering/vectors")
+    async def extract(request: Request):
+        check_api_key(request, ctx.settings.api_key)
+        return await extract_vector(request, ctx)
+
+    @app.get("/v1/steering/vectors")
+    async def vectors(request: Request):
+        check_api_key(request, ctx.settings.api_key)
+        return list_vectors(ctx)
+
+    @app.get("/v1/steering/vectors/{name}")
+    async def vector(request: Request, name: str, format: str | None = None):  # noqa: A002
+        check_api_key(request, ctx.settings.api_key)
+        return await asyncio.to_thread(describe_vector, ctx, name, format)
+
+    @app.delete("/v1/steering/vectors/{name}")
+    async def delete(request: Request, name: str):
+        check_api_key(request, ctx.settings.api_key)
+        return await asyncio.to_thread(delete_vector, ctx, name)

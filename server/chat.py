@@ -24,6 +24,7 @@ from server.convert import (
 from server.errors import error_payload
 from server.formatting import ResponseMeta, chat_logprobs, new_id, usage
 from server.schemas import ChatCompletionRequest
+from server.steering import resolve_steering
 
 CHUNK = "chat.completion.chunk"
 
@@ -36,8 +37,9 @@ def build_specs(ctx: ServingContext, req: ChatCompletionRequest,
     requested = req.max_completion_tokens or req.max_tokens
     max_tokens = completion_budget(requested, len(prompt), ctx.limits, "messages")
     top = (req.top_logprobs or 0) if req.logprobs else None
-    return [ChoiceSpec(i, prompt, sampling_params(req, max_tokens, top, choice=i), adapter)
-            for i in range(req.n)]
+    steering = resolve_steering(req.steering, ctx.vectors, ctx.shape, ctx.model.device)
+    return [ChoiceSpec(i, prompt, sampling_params(req, max_tokens, top, choice=i), adapter,
+                       steering) for i in range(req.n)]
 
 
 async def chat_completions(request: Request, ctx: ServingContext):

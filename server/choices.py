@@ -11,6 +11,7 @@ from decoding.engine import QueueFull
 from decoding.lora_slots import AdapterWeights
 from decoding.sampling_params import SamplingParams
 from decoding.sequence import RequestOutput, TokenLogprob
+from decoding.steering_spec import SteeringSpec
 from server.context import ServingContext
 from server.errors import APIError
 
@@ -21,6 +22,7 @@ class ChoiceSpec:
     prompt_ids: list[int]
     params: SamplingParams
     adapter: AdapterWeights | None = None
+    steering: SteeringSpec | None = None
 
 
 @dataclass
@@ -61,7 +63,7 @@ async def _pump(ctx: ServingContext, request_id: str, spec: ChoiceSpec,
                 merged: asyncio.Queue) -> None:
     try:
         async for output in ctx.engine.stream(request_id, spec.prompt_ids, spec.params,
-                                                spec.adapter):
+                                                spec.adapter, spec.steering):
             await merged.put((spec.index, output))
     except QueueFull as exc:
         await merged.put((spec.index, exc))

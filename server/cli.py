@@ -22,10 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="load a model and serve the OpenAI API",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Load a model and serve /v1/chat/completions, /v1/completions, "
-        "/v1/models, /health and /metrics.")
+        "/v1/models, /v1/steering/vectors, /health and /metrics.")
     add_model_options(serve)
     add_engine_options(serve)
     add_lora_options(serve)
+    add_steering_options(serve)
     add_http_options(serve)
     return parser
 
@@ -83,16 +84,33 @@ def add_lora_options(parser: argparse.ArgumentParser) -> None:
                        help="largest adapter rank accepted (slot weights are padded to it)")
 
 
-def parse_loras(values: list[str], adapter_dir: str | None) -> tuple[tuple[str, str], ...]:
-    loras = []
+def add_steering_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("activation steering")
+    group.add_argument("--steering-vector", action="append", default=[], metavar="NAME=PATH",
+                       help="load a steering (control) vector at start (repeatable): a "
+                       "llama.cpp/repeng control-vector .gguf or a .safetensors with "
+                       "direction.N tensors; requests use it as {\"vector\": NAME}")
+    group.add_argument("--vectors-dir", default=DEFAULTS.vectors_dir,
+                       help="directory where POST /v1/steering/vectors saves extracted vectors "
+                       "(as NAME.safetensors) and from which they are reloaded at start; "
+                       "'none' keeps extracted vectors in memory only")
+
+
+def parse_named_paths(values: list[str], flag: str,
+                      root: str | None = None) -> tuple[tuple[str, str], ...]:
+    pairs = []
     for value in values:
         name, sep, path = value.partition("=")
         if not sep or not name or not path:
-            raise SystemExit(f"--lora expects NAME=PATH, got '{value}'")
-        if adapter_dir and not Path(path).is_absolute():
-            path = str(Path(adapter_dir) / path)
-        loras.append((name, path))
-    return tuple(loras)
+            raise SystemExit(f"{flag} expects NAME=PATH, got '{value}'")
+        if root and not Path(path).is_absolute():
+            path = str(Path(root) / path)
+        pairs.append((name, path))
+    return tuple(pairs)
+
+
+def parse_loras(values: list[str], adapter_dir: str | None) -> tuple[tuple[str, str], ...]:
+    return parse_named_paths(values, "--lora", adapter_dir)
 
 
 def add_http_options(parser: argparse.ArgumentParser) -> None:
@@ -121,7 +139,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         allow_request_chat_template=args.allow_request_chat_template, threads=args.threads,
         log_level=args.log_level, loras=parse_loras(args.lora, args.adapter_dir),
         adapter_dir=args.adapter_dir, allow_runtime_lora=args.allow_runtime_lora,
-        max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
+        max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+        steering_vectors=parse_named_paths(args.steering_vector, "--steering-vector"),
+        vectors_dir=None if args.vectors_dir.lower() == "none" else args.vectors_dir)
 
 
 def serve(settings: ServerSettings) -> None:

@@ -24,6 +24,7 @@ from server.convert import (
 from server.errors import error_payload
 from server.formatting import ResponseMeta, legacy_logprobs, new_id, usage
 from server.schemas import CompletionRequest
+from server.steering import resolve_steering
 
 
 def build_specs(ctx: ServingContext, req: CompletionRequest,
@@ -31,13 +32,14 @@ def build_specs(ctx: ServingContext, req: CompletionRequest,
     check_common(req, ctx.limits)
     check_completion_extras(req)
     prompts = completion_prompts(ctx.model.tokenizer, req, ctx.limits.vocab_size)
+    steering = resolve_steering(req.steering, ctx.vectors, ctx.shape, ctx.model.device)
     specs = []
     for p, prompt in enumerate(prompts):
         max_tokens = completion_budget(req.max_tokens, len(prompt), ctx.limits, "prompt")
         scoring = req.logprobs if req.echo and req.logprobs is not None else None
         for i in range(req.n):
             params = sampling_params(req, max_tokens, req.logprobs, scoring, choice=i)
-            specs.append(ChoiceSpec(p * req.n + i, prompt, params, adapter))
+            specs.append(ChoiceSpec(p * req.n + i, prompt, params, adapter, steering))
     return specs
 
 

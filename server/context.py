@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adapters.registry import AdapterRegistry
+from adapters.vector_store import VectorStore
 from decoding.async_engine import AsyncEngine
 from decoding.lora_slots import AdapterWeights
 from decoding.model_loader import LoadedModel
+from decoding.steering_spec import ModelShape
 from server.convert import Limits
 from server.errors import APIError
 from server.metrics import Metrics
@@ -23,6 +25,8 @@ class ServingContext:
     limits: Limits
     created: int
     adapters: AdapterRegistry
+    vectors: VectorStore
+    shape: ModelShape
 
     @property
     def model_name(self) -> str:

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from decoding.sampling_params import MAX_TOP_LOGPROBS
+from server.steering_schemas import Steering
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -65,6 +66,8 @@ class SamplingFields(Strict):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # steerserve extensions.
+    steering: Steering | None = None
 
     @field_validator("logit_bias")
     @classmethod

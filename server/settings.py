@@ -28,6 +28,8 @@ class ServerSettings:
     allow_runtime_lora: bool = False
     max_loras: int = 8
     max_lora_rank: int = 16
+    steering_vectors: tuple[tuple[str, str], ...] = ()  # (name, path) loaded at start
+    vectors_dir: str | None = "~/.local/share/steerserve/vectors"  # None: in memory only
     log_level: str = "info"
 
     @property

@@ -38,6 +38,8 @@ class LiveServer:
                    "--log-level", "warning", *args]
         if api_key:
             command += ["--api-key", api_key]
+        if "--vectors-dir" not in args:  # never the user's own directory
+            command += ["--vectors-dir", "none"]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("TRITON_INTERPRET", None)  # the server picks kernels for its own device
         self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
