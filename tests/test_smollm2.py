@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from engine_helpers import Collector, hf_greedy, run_to_completion
@@ -77,3 +80,41 @@ def test_uppercase_adapter_changes_behaviour_and_unselecting_restores_it(client)
     assert sum(map(upper_ratio, adapted)) / len(QUESTIONS) > 0.8
     assert sum(map(upper_ratio, before)) / len(QUESTIONS) < 0.3
     assert after == before
+
+
+MOOD = json.loads((Path(__file__).resolve().parent.parent / "examples" / "steering"
+                   / "joyful_gloomy.json").read_text())
+MOOD_QUESTIONS = ["Tell me about your day.", "Describe the weather today.",
+                  "What do you think about Mondays?", "Write a sentence about your home town.",
+                  "How do you feel about the future?", "Describe a walk in the park."]
+
+
+def joy_score(text: str) -> float:
+    """Joyful minus gloomy words, per 100 words."""
+    words = re.findall(r"[a-z]+", text.lower())
+    joyful = sum(w in MOOD["joyful_words"] for w in words)
+    gloomy = sum(w in MOOD["gloomy_words"] for w in words)
+    return 100 * (joyful - gloomy) / max(len(words), 1)
+
+
+def mean_joy(client, steering: list | None) -> float:
+    extra = {"steering": steering} if steering else {}
+    replies = [client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", max_tokens=40, temperature=0, extra_body=extra,
+        messages=[{"role": "user", "content": q}]).choices[0].message.content
+        for q in MOOD_QUESTIONS]
+    return sum(joy_score(r) for r in replies) / len(replies)
+
+
+def test_extracted_mood_vector_steers_both_ways(server, client):
+    pairs = MOOD["pairs"]
+    extracted = httpx.post(f"{server.base_url}/v1/steering/vectors", timeout=300, json={
+        "name": "joyful", "model": "SmolLM2-135M-Instruct", "method": "mean_diff",
+        "layers": {"start": 10, "end": 15}, "positive": [p["positive"] for p in pairs],
+        "negative": [p["negative"] for p in pairs]})
+    assert extracted.status_code == 200, extracted.text
+    plain = mean_joy(client, None)
+    joyful = mean_joy(client, [{"vector": "joyful", "scale": 0.4}])
+    gloomy = mean_joy(client, [{"vector": "joyful", "scale": -0.4}])
+    assert gloomy < plain < joyful, (gloomy, plain, joyful)
+    assert joyful - gloomy > 3.0
