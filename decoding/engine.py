@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from decoding.adaptive_temperature import head_temperature
 from decoding.detokenizer import IncrementalDetokenizer
 from decoding.logprobs import TokenText, prompt_logprobs, token_logprob
 from decoding.lora_bank import LoraBank
@@ -164,18 +165,22 @@ class Engine:
         admitted = self.scheduler.admit(self._new_sequence)
         if not decoding and not admitted:
             return
-        logits, prefill = self._forward(decoding, admitted)
+        logits, hidden, prefill = self._forward(decoding, admitted)
         lanes = decoding + admitted
-        result = sample(logits, [self._row_state(s) for s in lanes])
+        result = sample(logits, [self._row_state(s, hidden[row], row >= len(decoding))
+                                 for row, s in enumerate(lanes)])
         self._postprocess(lanes, result, admitted, prefill)
         self.stats.steps += 1
 
     def _forward(self, decoding: list[Sequence], admitted: list[Sequence]):
-        parts, prefill = [], None
+        """(B, V) logits and (B, C) final hidden states, decode rows first, and the prefill."""
+        parts, hidden, prefill = [], [], None
         if decoding:
-            parts.append(self.runner.decode(
+            decoded = self.runner.decode(
                 0, [s.output_ids[-1] for s in decoding], [s.num_tokens - 1 for s in decoding],
-                [s.lora_slot for s in decoding], self._steering_for_decode(decoding)))
+                [s.lora_slot for s in decoding], self._steering_for_decode(decoding))
+            parts.append(decoded.logits)
+            hidden.append(decoded.hidden)
         if admitted:
             prompts = [s.prompt_ids for s in admitted]
             steering = prefill_plan([s.request.steering for s in admitted],
@@ -185,8 +190,11 @@ class Engine:
                 len(decoding), prompts, [s.params.prompt_logprobs is not None for s in admitted],
                 [s.lora_slot for s in admitted], steering)
             parts.append(prefill.last_logits)
+            hidden.append(prefill.last_hidden)
             self.stats.prompt_tokens += sum(len(s.request.prompt_ids) for s in admitted)
-        return torch.cat(parts) if len(parts) > 1 else parts[0], prefill
+        if len(parts) == 1:
+            return parts[0], hidden[0], prefill
+        return torch.cat(parts), torch.cat(hidden), prefill
 
     def _steering_for_decode(self, decoding: list[Sequence]) -> SteeringPlan | None:
         """Rebuilt only when the running lanes change (their order is the batch order)."""
@@ -215,9 +223,21 @@ class Engine:
         return Sequence(request, detokenizer, generator, lora_slot=lora_slot)
 
     @staticmethod
-    def _row_state(s: Sequence) -> RowState:
+    def _row_state(s: Sequence, hidden: torch.Tensor, first_token: bool) -> RowState:
         return RowState(s.params, s.prompt_ids if s.params.repetition_penalty != 1.0 else [],
-                        s.output_ids, s.generator)
+                        s.output_ids, s.generator, Engine._head_choice(s, hidden, first_token))
+
+    @staticmethod
+    def _head_choice(s: Sequence, hidden: torch.Tensor, first_token: bool) -> float | None:
+        """A learned head's temperature: every token, or once from the last prompt position."""
+        rule = s.params.adaptive
+        if rule is None or rule.method != "learned":
+            return None
+        if rule.level == "token":
+            return head_temperature(rule, hidden, s.generator)
+        if first_token:
+            s.sequence_temperature = head_temperature(rule, hidden, s.generator)
+        return s.sequence_temperature
 
     # ---- postprocess -------------------------------------------------------------------------
     def _postprocess(self, lanes: list[Sequence], result: SampleResult,
@@ -226,6 +246,7 @@ class Engine:
         chosen = result.logprobs.tolist() if result.logprobs is not None else None
         top_ids = result.top_ids.tolist() if result.top_ids is not None else None
         top_values = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+        temperatures = result.temperatures.tolist()
         first_new = len(lanes) - len(admitted)
         finished: list[Sequence] = []
         for row, lane in enumerate(lanes):
@@ -238,7 +259,7 @@ class Engine:
             scored = None
             if row >= first_new and lane.params.prompt_logprobs is not None:
                 scored = self._prompt_logprobs(lane, prefill.prompt_logits[row - first_new])
-            self._advance(lane, tokens[row], record, scored)
+            self._advance(lane, tokens[row], record, scored, temperatures[row])
             if lane.finished:
                 finished.append(lane)
         if finished:
@@ -250,7 +271,7 @@ class Engine:
         return prompt_logprobs(self.token_text, lane.prompt_ids, logits,
                                lane.params.prompt_logprobs or 0)
 
-    def _advance(self, lane: Sequence, token: int, record, scored) -> None:
+    def _advance(self, lane: Sequence, token: int, record, scored, temperature: float) -> None:
         params = lane.params
         if params.max_tokens == 0:  # scoring only (echo): no generated token
             lane.finish_reason = FinishReason.LENGTH
@@ -270,15 +291,18 @@ class Engine:
                     or lane.num_tokens >= self.loaded.max_model_len)
         if lane.finish_reason is None and at_limit:
             lane.finish_reason = FinishReason.LENGTH
-        self._emit(lane, (token,), (record,) if record else (), scored)
+        used = (temperature,) if params.report_temperatures else ()
+        self._emit(lane, (token,), (record,) if record else (), scored, temperatures=used)
 
-    def _emit(self, lane: Sequence, tokens, records, scored, error: str | None = None) -> None:
+    def _emit(self, lane: Sequence, tokens, records, scored, error: str | None = None,
+              temperatures: tuple[float, ...] = ()) -> None:
         text = lane.detokenizer.release(final=lane.finished)
         output = RequestOutput(
             request_id=lane.request_id, token_ids=tokens, text=text, logprobs=records,
             finished=lane.finished, finish_reason=lane.finish_reason,
             prompt_tokens=len(lane.request.prompt_ids),
-            completion_tokens=len(lane.output_ids), prompt_logprobs=scored, error=error)
+            completion_tokens=len(lane.output_ids), prompt_logprobs=scored, error=error,
+            temperatures=temperatures)
         lane.request.sink(output)
 
     def _release(self, leaving: list[Sequence]) -> None:

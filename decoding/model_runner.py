@@ -21,6 +21,13 @@ from decoding.steering_plan import Capture, SteeringPlan
 class PrefillResult:
     last_logits: torch.Tensor  # (B, V) float32: next-token logits after each prompt
     prompt_logits: list[torch.Tensor | None]  # per row (len-1, V) when prompt logprobs asked
+    last_hidden: torch.Tensor  # (B, C): final (normed) hidden state at each last position
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    logits: torch.Tensor  # (B, V) float32
+    hidden: torch.Tensor  # (B, C): the final (normed) hidden state the logits come from
 
 
 def prefill_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
@@ -78,15 +85,15 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, first_slot: int, tokens: list[int], positions: list[int],
                lora_slots: list[int] | None = None,
-               steering: SteeringPlan | None = None) -> torch.Tensor:
-        """One new token per row at its own position; returns (B, V) logits."""
+               steering: SteeringPlan | None = None) -> DecodeResult:
+        """One new token per row at its own position."""
         ids = torch.tensor(tokens, device=self.device).unsqueeze(1)  # (B, 1)
         pos = torch.tensor(positions, device=self.device)  # (B,)
         kv_len = int(max(positions)) + 1
         window = self.cache.for_decode(first_slot, pos, kv_len)
         hidden = self._run(ids, pos.unsqueeze(1), decode_mask(pos, kv_len), window, lora_slots,
                            steering)
-        return self.logits(hidden[:, 0])
+        return DecodeResult(self.logits(hidden[:, 0]), hidden[:, 0])
 
     @torch.inference_mode()
     def prefill(self, first_slot: int, prompts: list[list[int]], want_prompt_logits: list[bool],
@@ -97,12 +104,13 @@ class ModelRunner:
         window = self.cache.for_prefill(first_slot, len(prompts), 0, ids.shape[1])
         hidden = self._run(ids, positions, mask, window, lora_slots, steering)  # (B, T, C)
         rows = torch.arange(len(prompts), device=self.device)
-        last = self.logits(hidden[rows, lengths - 1])
+        last_hidden = hidden[rows, lengths - 1]
+        last = self.logits(last_hidden)
         prompt_logits = [
             self.logits(hidden[row, : len(prompts[row]) - 1]) if wanted else None
             for row, wanted in enumerate(want_prompt_logits)
         ]
-        return PrefillResult(last, prompt_logits)
+        return PrefillResult(last, prompt_logits, last_hidden)
 
     @torch.inference_mode()
     def capture(self, prompts: list[list[int]], capture: Capture) -> None:

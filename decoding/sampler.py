@@ -4,6 +4,8 @@ Order per row: logit bias -> penalties -> (logprobs are read here) -> temperatur
 top-k / top-p / min-p -> draw. Logprobs therefore describe the model's (method-combined,
 penalised, biased) distribution before temperature and truncation, like OpenAI's.
 Each processor runs only when some row needs it; an all-greedy batch is one argmax.
+Adaptive temperatures (decoding/adaptive_temperature.py) go through one fused kernel; rows
+using llama.cpp's dynatemp are truncated before it, as in llama.cpp's sampler chain.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from decoding.sampling_params import SamplingParams
+from kernels.adaptive_temperature import TempMethod, adaptive_temperature
 
 
 @dataclass
@@ -23,6 +26,7 @@ class RowState:
     prompt_ids: list[int]
     output_ids: list[int]
     generator: torch.Generator | None  # set for seeded rows: independent of the batch
+    given_temperature: float | None = None  # this step's choice of a learned head
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,7 @@ class SampleResult:
     logprobs: torch.Tensor | None  # (B,) chosen-token logprob, when any row asked
     top_ids: torch.Tensor | None  # (B, K) top alternatives for the widest request in the batch
     top_logprobs: torch.Tensor | None  # (B, K)
+    temperatures: torch.Tensor | None = None  # (B,) the temperature used (0 = greedy)
 
 
 def apply_logit_bias(logits: torch.Tensor, rows: list[RowState]) -> None:
@@ -103,17 +108,63 @@ def sample(logits: torch.Tensor, rows: list[RowState]) -> SampleResult:
     wants_logprobs = any(r.params.logprobs is not None for r in rows)
     logprobs = logits.log_softmax(dim=-1) if wants_logprobs else None
     tokens = logits.argmax(dim=-1)
+    temperatures = torch.zeros(len(rows), device=logits.device)
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if sampled:
-        tokens[sampled] = sample_rows(logits[sampled], [rows[i] for i in sampled])
+        tokens[sampled], temperatures[sampled] = sample_rows(logits[sampled],
+                                                             [rows[i] for i in sampled])
     if logprobs is None:
-        return SampleResult(tokens, None, None, None)
-    return SampleResult(tokens, *logprob_summary(logprobs, tokens, rows))
+        return SampleResult(tokens, None, None, None, temperatures)
+    return SampleResult(tokens, *logprob_summary(logprobs, tokens, rows), temperatures)
 
 
-def sample_rows(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
-    temperature = torch.tensor([r.params.temperature for r in rows], device=logits.device)
-    logits = logits / temperature.unsqueeze(1)
-    if any(r.params.truncates for r in rows):
-        logits = logits.masked_fill(truncation_mask(logits, rows), float("-inf"))
-    return draw(logits.softmax(dim=-1), rows)
+def sample_rows(logits: torch.Tensor, rows: list[RowState]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens and temperatures of rows that sample. logits (B, V) may be modified."""
+    if not any(r.params.adaptive for r in rows):
+        temperature = torch.tensor([r.params.temperature for r in rows], device=logits.device)
+        logits = logits / temperature.unsqueeze(1)
+        if any(r.params.truncates for r in rows):
+            logits = logits.masked_fill(truncation_mask(logits, rows), float("-inf"))
+        return draw(logits.softmax(dim=-1), rows), temperature
+    return sample_adaptive(logits, rows)
+
+
+def _kernel_args(rows: list[RowState], device: torch.device) -> list[torch.Tensor]:
+    method, t0, param_a, param_b = [], [], [], []
+    for row in rows:
+        rule = row.params.adaptive
+        if rule is None:
+            method.append(TempMethod.FIXED)
+            t0.append(row.params.temperature)
+            param_a.append(0.0)
+            param_b.append(0.0)
+            continue
+        method.append(rule.kernel_method)
+        t0.append(row.given_temperature if rule.method == "learned" else rule.t0)
+        a, b = rule.kernel_params
+        param_a.append(a)
+        param_b.append(b)
+    return [torch.tensor(method, dtype=torch.int8, device=device),
+            *(torch.tensor(v, dtype=torch.float32, device=device) for v in (t0, param_a,
+                                                                            param_b))]
+
+
+def sample_adaptive(logits: torch.Tensor,
+                    rows: list[RowState]) -> tuple[torch.Tensor, torch.Tensor]:
+    first = [i for i, r in enumerate(rows) if _truncates_first(r)]
+    if first:
+        logits[first] = logits[first].masked_fill(
+            truncation_mask(logits[first], [rows[i] for i in first]), float("-inf"))
+    greedy_tokens = logits.argmax(dim=-1)
+    temperature = adaptive_temperature(logits, *_kernel_args(rows, logits.device))
+    after = [i for i, r in enumerate(rows) if r.params.truncates and not _truncates_first(r)]
+    if after:
+        logits[after] = logits[after].masked_fill(
+            truncation_mask(logits[after], [rows[i] for i in after]), float("-inf"))
+    tokens = draw(logits.softmax(dim=-1), rows)
+    return torch.where(temperature > 0, tokens, greedy_tokens), temperature
+
+
+def _truncates_first(row: RowState) -> bool:
+    rule = row.params.adaptive
+    return rule is not None and rule.method == "dynatemp" and row.params.truncates

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from decoding.adaptive_temperature import AdaptiveTemperature
+
 MAX_TOP_LOGPROBS = 20
 
 
@@ -26,10 +28,12 @@ class SamplingParams:
     logprobs: int | None = None  # None = off; else number of top alternatives (0..20)
     prompt_logprobs: int | None = None  # echo scoring: logprobs of the prompt's own tokens
     skip_special_tokens: bool = True
+    adaptive: AdaptiveTemperature | None = None  # the temperature rule, when not fixed
+    report_temperatures: bool = False  # return the temperature used for each token
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature == 0.0 and self.adaptive is None
 
     @property
     def truncates(self) -> bool:

@@ -51,6 +51,7 @@ class RequestOutput:
     completion_tokens: int = 0
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None
     error: str | None = None
+    temperatures: tuple[float, ...] = ()  # per new token, when the request asked
 
 
 OutputSink = Callable[[RequestOutput], None]
@@ -79,6 +80,7 @@ class Sequence:
     lora_slot: int = -1
     finish_reason: FinishReason | None = None
     first_token_time: float | None = None
+    sequence_temperature: float | None = None  # a learned head's once-per-response choice
 
     @property
     def request_id(self) -> str:

@@ -18,6 +18,7 @@ from decoding.async_engine import AsyncEngine
 from decoding.engine import Engine, EngineConfig
 from decoding.model_loader import LoadedModel
 from decoding.steering_spec import ModelShape
+from decoding.temperature_head import TemperatureHead, load_temperature_head
 from server.auth import check_api_key
 from server.chat import chat_completions
 from server.completions import completions
@@ -42,11 +43,25 @@ def build_context(settings: ServerSettings, model: LoadedModel) -> ServingContex
                     max_n=settings.max_n, max_stop=settings.max_stop)
     ctx = ServingContext(settings, model, AsyncEngine(engine), Metrics(engine), limits,
                          int(time.time()), AdapterRegistry(), load_vectors(settings),
-                         ModelShape.of(model.model.config))
+                         ModelShape.of(model.model.config), load_heads(settings, model))
     for name, path in settings.loras:
         register(ctx, name, Path(path).expanduser().resolve())
     check_vector_widths(ctx)
     return ctx
+
+
+def load_heads(settings: ServerSettings, model: LoadedModel) -> dict[str, TemperatureHead]:
+    heads = {}
+    for name, path in settings.temperature_heads:
+        try:
+            head = load_temperature_head(Path(path).expanduser(),
+                                         model.model.config.hidden_size)
+        except ValueError as exc:
+            raise SystemExit(f"--temperature-head {name}: {exc}") from exc
+        heads[name] = head.to(model.device)
+        logger.info("loaded temperature head '%s' (temperatures %s) from %s", name,
+                    list(head.config.temperatures), path)
+    return heads
 
 
 def load_vectors(settings: ServerSettings) -> VectorStore:

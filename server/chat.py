@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
 from decoding.lora_slots import AdapterWeights
+from server.adaptive import resolve_adaptive
 from server.body import parse_request
 from server.choices import ChoiceResult, ChoiceSpec, collect, ensure_capacity, run_choices
 from server.context import ServingContext, resolve_model
@@ -38,8 +39,10 @@ def build_specs(ctx: ServingContext, req: ChatCompletionRequest,
     max_tokens = completion_budget(requested, len(prompt), ctx.limits, "messages")
     top = (req.top_logprobs or 0) if req.logprobs else None
     steering = resolve_steering(req.steering, ctx.vectors, ctx.shape, ctx.model.device)
-    return [ChoiceSpec(i, prompt, sampling_params(req, max_tokens, top, choice=i), adapter,
-                       steering) for i in range(req.n)]
+    adaptive = resolve_adaptive(req, ctx.temperature_heads)
+    return [ChoiceSpec(i, prompt, sampling_params(req, max_tokens, top, choice=i,
+                                                  adaptive=adaptive), adapter, steering)
+            for i in range(req.n)]
 
 
 async def chat_completions(request: Request, ctx: ServingContext):
@@ -50,13 +53,15 @@ async def chat_completions(request: Request, ctx: ServingContext):
     meta = ResponseMeta(new_id("chatcmpl"), int(time.time()), req.model)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = stream_chat(ctx, meta, specs, include_usage, req.logprobs)
+        events = stream_chat(ctx, meta, specs, include_usage, req.logprobs,
+                             req.return_temperatures)
         return EventSourceResponse(events, ping=15)
     results = await collect(ctx, meta.id, specs)
-    return JSONResponse(chat_response(meta, results, req.logprobs))
+    return JSONResponse(chat_response(meta, results, req.logprobs, req.return_temperatures))
 
 
-def chat_response(meta: ResponseMeta, results: list[ChoiceResult], logprobs: bool) -> dict:
+def chat_response(meta: ResponseMeta, results: list[ChoiceResult], logprobs: bool,
+                  temperatures: bool = False) -> dict:
     failed = next((r for r in results if r.error), None)
     if failed is not None:
         return error_payload(500, failed.error)
@@ -65,6 +70,7 @@ def chat_response(meta: ResponseMeta, results: list[ChoiceResult], logprobs: boo
         "message": {"role": "assistant", "content": r.text},
         "logprobs": chat_logprobs(r.logprobs) if logprobs else None,
         "finish_reason": r.finish_reason,
+        **({"temperatures": r.temperatures} if temperatures else {}),
     } for r in results]
     body = meta.envelope("chat.completion", choices)
     body["usage"] = usage(results[0].prompt_tokens, sum(r.completion_tokens for r in results))
@@ -79,7 +85,8 @@ def _chunk(meta: ResponseMeta, choices: list[dict], usage_block: dict | None = N
 
 
 async def stream_chat(ctx: ServingContext, meta: ResponseMeta, specs: list[ChoiceSpec],
-                      include_usage: bool, logprobs: bool) -> AsyncIterator[str]:
+                      include_usage: bool, logprobs: bool,
+                      temperatures: bool = False) -> AsyncIterator[str]:
     for spec in specs:  # role first, once per choice
         yield _chunk(meta, [{"index": spec.index, "delta": {"role": "assistant", "content": ""},
                              "logprobs": None, "finish_reason": None}])
@@ -88,12 +95,14 @@ async def stream_chat(ctx: ServingContext, meta: ResponseMeta, specs: list[Choic
         if output.error:
             yield json.dumps(error_payload(500, output.error))
             break
-        if not (output.text or output.finished or (logprobs and output.logprobs)):
+        if not (output.text or output.finished or (logprobs and output.logprobs)
+                or output.temperatures):
             continue
         yield _chunk(meta, [{
             "index": index, "delta": {"content": output.text} if output.text else {},
             "logprobs": chat_logprobs(output.logprobs) if logprobs else None,
-            "finish_reason": output.finish_reason.value if output.finished else None}])
+            "finish_reason": output.finish_reason.value if output.finished else None,
+            **({"temperatures": list(output.temperatures)} if temperatures else {})}])
         if output.finished:
             completion_tokens += output.completion_tokens
     else:

@@ -38,9 +38,11 @@ class ChoiceResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    temperatures: list[float] = field(default_factory=list)
 
     def add(self, output: RequestOutput) -> None:
         self.text += output.text
+        self.temperatures.extend(output.temperatures)
         self.token_ids.extend(output.token_ids)
         self.logprobs.extend(output.logprobs)
         if output.prompt_logprobs is not None:

@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_options(serve)
     add_lora_options(serve)
     add_steering_options(serve)
+    add_temperature_options(serve)
     add_http_options(serve)
     return parser
 
@@ -96,6 +97,15 @@ def add_steering_options(parser: argparse.ArgumentParser) -> None:
                        "'none' keeps extracted vectors in memory only")
 
 
+def add_temperature_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("adaptive temperature")
+    group.add_argument("--temperature-head", action="append", default=[], metavar="NAME=PATH",
+                       help="load a learned temperature head (.safetensors, see "
+                       "examples/train_temperature_head.py) at start (repeatable); requests "
+                       "use it with {\"adaptive_temperature\": {\"method\": \"learned\", "
+                       "\"head\": NAME}}")
+
+
 def parse_named_paths(values: list[str], flag: str,
                       root: str | None = None) -> tuple[tuple[str, str], ...]:
     pairs = []
@@ -141,6 +151,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         adapter_dir=args.adapter_dir, allow_runtime_lora=args.allow_runtime_lora,
         max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
         steering_vectors=parse_named_paths(args.steering_vector, "--steering-vector"),
+        temperature_heads=parse_named_paths(args.temperature_head, "--temperature-head"),
         vectors_dir=None if args.vectors_dir.lower() == "none" else args.vectors_dir)
 
 

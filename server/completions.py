@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
 from decoding.lora_slots import AdapterWeights
+from server.adaptive import resolve_adaptive
 from server.body import parse_request
 from server.choices import ChoiceResult, ChoiceSpec, collect, ensure_capacity, run_choices
 from server.context import ServingContext, resolve_model
@@ -33,12 +34,14 @@ def build_specs(ctx: ServingContext, req: CompletionRequest,
     check_completion_extras(req)
     prompts = completion_prompts(ctx.model.tokenizer, req, ctx.limits.vocab_size)
     steering = resolve_steering(req.steering, ctx.vectors, ctx.shape, ctx.model.device)
+    adaptive = resolve_adaptive(req, ctx.temperature_heads)
     specs = []
     for p, prompt in enumerate(prompts):
         max_tokens = completion_budget(req.max_tokens, len(prompt), ctx.limits, "prompt")
         scoring = req.logprobs if req.echo and req.logprobs is not None else None
         for i in range(req.n):
-            params = sampling_params(req, max_tokens, req.logprobs, scoring, choice=i)
+            params = sampling_params(req, max_tokens, req.logprobs, scoring, choice=i,
+                                     adaptive=adaptive)
             specs.append(ChoiceSpec(p * req.n + i, prompt, params, adapter, steering))
     return specs
 
@@ -76,6 +79,8 @@ def completion_response(ctx: ServingContext, req: CompletionRequest, meta: Respo
         text, logprobs = _choice_text_and_logprobs(ctx, req, spec, result)
         choices.append({"index": spec.index, "text": text, "logprobs": logprobs,
                         "finish_reason": result.finish_reason})
+        if req.return_temperatures:
+            choices[-1]["temperatures"] = result.temperatures
     prompt_tokens = sum(len(s.prompt_ids) for s in specs[:: req.n])
     body = meta.envelope("text_completion", choices)
     body["usage"] = usage(prompt_tokens, sum(r.completion_tokens for r in results))
@@ -101,12 +106,14 @@ async def stream_completion(ctx: ServingContext, req: CompletionRequest, meta: R
         if output.error:
             yield json.dumps(error_payload(500, output.error))
             break
-        if not (output.text or output.finished or output.logprobs):
+        if not (output.text or output.finished or output.logprobs or output.temperatures):
             continue
         logprobs = legacy_logprobs(list(output.logprobs)) if req.logprobs is not None else None
         yield _chunk(meta, [{
             "index": index, "text": output.text, "logprobs": logprobs,
-            "finish_reason": output.finish_reason.value if output.finished else None}])
+            "finish_reason": output.finish_reason.value if output.finished else None,
+            **({"temperatures": list(output.temperatures)} if req.return_temperatures
+               else {})}])
         if output.finished:
             completion_tokens += output.completion_tokens
     else:

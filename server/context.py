@@ -10,6 +10,7 @@ from decoding.async_engine import AsyncEngine
 from decoding.lora_slots import AdapterWeights
 from decoding.model_loader import LoadedModel
 from decoding.steering_spec import ModelShape
+from decoding.temperature_head import TemperatureHead
 from server.convert import Limits
 from server.errors import APIError
 from server.metrics import Metrics
@@ -27,6 +28,7 @@ class ServingContext:
     adapters: AdapterRegistry
     vectors: VectorStore
     shape: ModelShape
+    temperature_heads: dict[str, TemperatureHead]
 
     @property
     def model_name(self) -> str:

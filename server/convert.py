@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from decoding.adaptive_temperature import AdaptiveTemperature
 from decoding.sampling_params import SamplingParams
 from server.errors import APIError
 from server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -76,7 +77,8 @@ def completion_budget(requested: int | None, prompt_len: int, limits: Limits,
 
 
 def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
-                    prompt_logprobs: int | None = None, choice: int = 0) -> SamplingParams:
+                    prompt_logprobs: int | None = None, choice: int = 0,
+                    adaptive: AdaptiveTemperature | None = None) -> SamplingParams:
     # n > 1 with a seed: each choice gets its own stream (seed + index), all reproducible.
     seed = None if req.seed is None else req.seed + choice
     return SamplingParams(
@@ -97,6 +99,8 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         skip_special_tokens=req.skip_special_tokens,
+        adaptive=adaptive,
+        report_temperatures=req.return_temperatures,
     )
 
 

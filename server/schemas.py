@@ -20,6 +20,23 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+
+
+class AdaptiveTemperatureRequest(Strict):
+    """`adaptive_temperature`: which rule picks each token's temperature (see the README)."""
+
+    method: Literal["edt", "dynatemp", "learned"]
+    t0: NonNegative | None = Field(None, le=2.0)  # edt, dynatemp; default: temperature or 1
+    theta: Finite | None = Field(None, gt=0.0, le=100.0)  # edt
+    n: Finite | None = Field(None, gt=0.0, lt=1.0)  # edt
+    range: NonNegative | None = Field(None, le=2.0)  # dynatemp
+    exponent: NonNegative | None = Field(None, le=10.0)  # dynatemp
+    head: str | None = Field(None, min_length=1, max_length=128)  # learned
+    level: Literal["token", "sequence"] | None = None  # learned
+    choice: Literal["greedy", "sample"] | None = None  # learned
+
+
 class StreamOptions(Strict):
     include_usage: bool = False
 
@@ -68,6 +85,10 @@ class SamplingFields(Strict):
     skip_special_tokens: bool = True
     # steerserve extensions.
     steering: Steering | None = None
+    adaptive_temperature: AdaptiveTemperatureRequest | None = None
+    dynatemp_range: NonNegative | None = Field(None, le=2.0)  # llama.cpp's names
+    dynatemp_exponent: NonNegative | None = Field(None, le=10.0)
+    return_temperatures: bool = False
 
     @field_validator("logit_bias")
     @classmethod

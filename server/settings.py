@@ -29,6 +29,7 @@ class ServerSettings:
     max_loras: int = 8
     max_lora_rank: int = 16
     steering_vectors: tuple[tuple[str, str], ...] = ()  # (name, path) loaded at start
+    temperature_heads: tuple[tuple[str, str], ...] = ()  # (name, path) loaded at start
     vectors_dir: str | None = "~/.local/share/steerserve/vectors"  # None: in memory only
     log_level: str = "info"
 
