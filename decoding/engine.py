@@ -1,7 +1,8 @@
 """The engine: a step loop on its own thread over continuously batched lanes.
 
-One step = admit -> forward (decode running lanes, prefill new ones) -> sample once ->
-postprocess (detokenize, stop, report, free slots).
+One step = admit -> forward (per hosted model: decode its running lanes, prefill the new
+ones, whatever request they belong to) -> combine (each request's lanes into one row) ->
+sample once -> postprocess (detokenize, stop, report, free slots).
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from decoding import lane_forward
 from decoding.adaptive_temperature import head_temperature
+from decoding.combination import next_token_logits, prompt_logits
 from decoding.detokenizer import IncrementalDetokenizer
+from decoding.lanes import HostedModel, Lane, LaneSpec
 from decoding.logprobs import TokenText, prompt_logprobs, token_logprob
 from decoding.lora_bank import LoraBank
 from decoding.lora_slots import LoraSlots
 from decoding.model_loader import LoadedModel
-from decoding.model_runner import ModelRunner, PrefillResult
+from decoding.model_runner import ModelRunner
 from decoding.sampler import RowState, SampleResult, sample
 from decoding.scheduler import Scheduler
 from decoding.sequence import (
@@ -32,14 +36,14 @@ from decoding.sequence import (
     Sequence,
 )
 from decoding.steering_hooks import install_steering_hooks
-from decoding.steering_plan import SteeringPlan, decode_plan, prefill_plan
+from decoding.strategies import ponder_prompt, sh2_keys
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_num_seqs: int = 64  # KV-cache slots = lanes decoded together
+    max_num_seqs: int = 64  # KV-cache slots per hosted model = lanes decoded together
     max_queue: int = 512  # waiting requests beyond this are refused (HTTP 429)
     max_prefill_tokens: int = 4096  # padded prompt tokens per prefill forward
     max_loras: int = 0  # LoRA slots (adapters resident at once); 0 = LoRA off
@@ -67,26 +71,46 @@ def eos_token_ids(loaded: LoadedModel) -> frozenset[int]:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+    """Hosts one or more models (the first is the default); LoRA adapters run on the first."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None,
+                 others: list[LoadedModel] | None = None) -> None:
         self.loaded = loaded
         self.config = config or EngineConfig()
-        self.lora_slots = None
-        bank = None
-        if self.config.max_loras > 0:
-            bank = LoraBank(loaded.model, self.config.max_loras, self.config.max_lora_rank,
-                            self.config.lora_triton)
-            self.lora_slots = LoraSlots(bank)
-        install_steering_hooks(loaded.model)
-        self.runner = ModelRunner(loaded, self.config.max_num_seqs, bank)
-        self._decode_plan: tuple[tuple, SteeringPlan | None] = ((), None)
-        self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_prefill_tokens)
-        self.eos_ids = eos_token_ids(loaded)
-        self.token_text = TokenText(loaded.tokenizer)
+        self.models: dict[str, HostedModel] = {}
+        for index, model in enumerate([loaded, *(others or [])]):
+            self._host(model, with_lora=index == 0)
+        self.scheduler = Scheduler(self.config.max_prefill_tokens)
+        self.eos_ids = {name: eos_token_ids(h.loaded) for name, h in self.models.items()}
+        self.token_text = {name: TokenText(h.loaded.tokenizer)
+                           for name, h in self.models.items()}
         self.stats = EngineStats()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._pending = 0  # submitted but not yet finished, for the queue bound
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+
+    def _host(self, loaded: LoadedModel, with_lora: bool) -> None:
+        lora_slots, bank = None, None
+        if with_lora and self.config.max_loras > 0:
+            bank = LoraBank(loaded.model, self.config.max_loras, self.config.max_lora_rank,
+                            self.config.lora_triton)
+            lora_slots = LoraSlots(bank)
+        install_steering_hooks(loaded.model)
+        runner = ModelRunner(loaded, self.config.max_num_seqs, bank)
+        self.models[loaded.name] = HostedModel(loaded.name, loaded, runner, lora_slots)
+
+    @property
+    def primary(self) -> HostedModel:
+        return self.models[self.loaded.name]
+
+    @property
+    def runner(self) -> ModelRunner:
+        return self.primary.runner
+
+    @property
+    def lora_slots(self) -> LoraSlots | None:
+        return self.primary.lora_slots
 
     # ---- thread-safe API -------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> None:
@@ -161,78 +185,139 @@ class Engine:
 
     def step(self) -> None:
         self._drain_inbox()
-        decoding = list(self.scheduler.running)
         admitted = self.scheduler.admit(self._new_sequence)
-        if not decoding and not admitted:
+        running = list(self.scheduler.running)
+        if not running:
             return
-        logits, hidden, prefill = self._forward(decoding, admitted)
-        lanes = decoding + admitted
-        result = sample(logits, [self._row_state(s, hidden[row], row >= len(decoding))
-                                 for row, s in enumerate(lanes)])
-        self._postprocess(lanes, result, admitted, prefill)
+        for hosted in self.models.values():
+            lane_forward.forward(hosted)
+        self._start_ponder_lanes(admitted)
+        logits = next_token_logits(running, self._runners(), self._width(running))
+        result = sample(logits, [self._row_state(s, s in admitted) for s in running])
+        self._postprocess(running, result, admitted)
         self.stats.steps += 1
 
-    def _forward(self, decoding: list[Sequence], admitted: list[Sequence]):
-        """(B, V) logits and (B, C) final hidden states, decode rows first, and the prefill."""
-        parts, hidden, prefill = [], [], None
-        if decoding:
-            decoded = self.runner.decode(
-                0, [s.output_ids[-1] for s in decoding], [s.num_tokens - 1 for s in decoding],
-                [s.lora_slot for s in decoding], self._steering_for_decode(decoding))
-            parts.append(decoded.logits)
-            hidden.append(decoded.hidden)
-        if admitted:
-            prompts = [s.prompt_ids for s in admitted]
-            steering = prefill_plan([s.request.steering for s in admitted],
-                                    [len(p) for p in prompts], max(len(p) for p in prompts),
-                                    self.loaded.device)
-            prefill = self.runner.prefill(
-                len(decoding), prompts, [s.params.prompt_logprobs is not None for s in admitted],
-                [s.lora_slot for s in admitted], steering)
-            parts.append(prefill.last_logits)
-            hidden.append(prefill.last_hidden)
-            self.stats.prompt_tokens += sum(len(s.request.prompt_ids) for s in admitted)
-        if len(parts) == 1:
-            return parts[0], hidden[0], prefill
-        return torch.cat(parts), torch.cat(hidden), prefill
+    def _runners(self) -> dict[str, ModelRunner]:
+        return {name: hosted.runner for name, hosted in self.models.items()}
 
-    def _steering_for_decode(self, decoding: list[Sequence]) -> SteeringPlan | None:
-        """Rebuilt only when the running lanes change (their order is the batch order)."""
-        specs = [s.request.steering for s in decoding]
-        key = tuple(specs)  # specs compare by identity, and the key keeps them alive
-        if key != self._decode_plan[0]:
-            self._decode_plan = (key, decode_plan(specs, self.loaded.device))
-        return self._decode_plan[1]
+    def _width(self, running: list[Sequence]) -> int:
+        return max(self.models[s.lanes[0].spec.model].runner.vocab_size for s in running)
+
+    # ---- admission ---------------------------------------------------------------------------
+    def _lane_specs(self, request: GenerationRequest) -> tuple[LaneSpec, ...]:
+        if request.method is not None:
+            return request.method.lanes
+        return (LaneSpec(request.model or self.loaded.name, request.prompt_ids,
+                         request.adapter, request.steering),)
 
     def _new_sequence(self, request: GenerationRequest) -> Sequence | None:
-        lora_slot = -1
-        if request.adapter is not None:
-            if self.lora_slots is None:
-                raise ValueError("this engine has LoRA disabled (max_loras=0)")
-            lora_slot = self.lora_slots.acquire(request.adapter)
-            if lora_slot is None:
-                return None  # every LoRA slot is pinned by running lanes: wait
+        """A request's lanes, in free slots of their models; None = wait (no slot now)."""
+        specs = self._lane_specs(request)
+        unique: list[LaneSpec] = []
+        for spec in specs:
+            if not any(spec.same_as(u) for u in unique):
+                unique.append(spec)
+        if not self._slots_available(unique, request):
+            return None
+        lora = self._acquire_lora(unique)
+        if lora is None:
+            return None  # every LoRA slot is pinned by running lanes: wait
+        sequence = self._sequence(request, specs[0].model)
+        lanes = [Lane(spec, sequence, lora_slot=slot) for spec, slot in zip(unique, lora,
+                                                                           strict=True)]
+        sequence.lanes = [next(lane for lane in lanes if lane.spec.same_as(spec))
+                          for spec in specs]
+        self._prepare_lanes(sequence, lanes)
+        return sequence
+
+    def _slots_available(self, unique: list[LaneSpec], request: GenerationRequest) -> bool:
+        needed: dict[str, int] = {}
+        for spec in unique:
+            needed[spec.model] = needed.get(spec.model, 0) + 1
+        if request.method is not None and request.method.name == "sh2":
+            model = unique[0].model  # the ponder lane joins after the original's prefill
+            needed[model] += 1
+        return all(self.models[name].free_slots >= count for name, count in needed.items())
+
+    def _acquire_lora(self, unique: list[LaneSpec]) -> list[int] | None:
+        taken: list[tuple[HostedModel, int]] = []
+        for spec in unique:
+            if spec.adapter is None:
+                taken.append((None, -1))
+                continue
+            hosted = self.models[spec.model]
+            if hosted.lora_slots is None:
+                raise ValueError(f"model '{spec.model}' has LoRA disabled")
+            slot = hosted.lora_slots.acquire(spec.adapter)
+            if slot is None:
+                for owner, held in taken:
+                    if held >= 0:
+                        owner.lora_slots.release(held)
+                return None
+            taken.append((hosted, slot))
+        return [slot for _, slot in taken]
+
+    def _sequence(self, request: GenerationRequest, model: str) -> Sequence:
         params = request.params
+        loaded = self.models[model].loaded
         generator = None
         if params.seed is not None:
-            generator = torch.Generator(self.loaded.device).manual_seed(params.seed)
+            generator = torch.Generator(loaded.device).manual_seed(params.seed)
         detokenizer = IncrementalDetokenizer.for_prompt(
-            self.loaded.tokenizer, list(request.prompt_ids), stop=params.stop,
+            loaded.tokenizer, list(request.prompt_ids), stop=params.stop,
             include_stop=params.include_stop_str_in_output,
             skip_special_tokens=params.skip_special_tokens)
-        return Sequence(request, detokenizer, generator, lora_slot=lora_slot)
+        return Sequence(request, detokenizer, generator, eos_ids=self.eos_ids[model])
 
-    @staticmethod
-    def _row_state(s: Sequence, hidden: torch.Tensor, first_token: bool) -> RowState:
+    def _prepare_lanes(self, sequence: Sequence, lanes: list[Lane]) -> None:
+        method = sequence.request.method
+        scoring = sequence.params.prompt_logprobs is not None
+        for lane in lanes:
+            lane.wants_prompt_logits = scoring and (method is not None or lane is lanes[0])
+            if method is not None and method.name == "dola":
+                lane.capture_layers = method.layers
+            self.models[lane.spec.model].add(lane)
+        if method is not None and method.name == "sh2":
+            lanes[0].wants_prompt_logits = True  # its prompt logprobs pick the keys
+            self.models[lanes[0].spec.model].reserved += 1
+
+    def _start_ponder_lanes(self, admitted: list[Sequence]) -> None:
+        """SH2: the hesitation lane, keyed on the original lane's prefill, prefilled now."""
+        joining: dict[str, list[Lane]] = {}
+        for sequence in admitted:
+            method = sequence.request.method
+            if method is None or method.name != "sh2":
+                continue
+            orig = sequence.lanes[0]
+            hosted = self.models[orig.spec.model]
+            tokenizer = hosted.loaded.tokenizer
+            keys = sh2_keys(orig.prompt_ids, orig.prompt_logits, method.key_num,
+                            frozenset(tokenizer.all_special_ids), method.seed)
+            spec = LaneSpec(orig.spec.model, ponder_prompt(tokenizer, orig.prompt_ids, keys),
+                            orig.spec.adapter, orig.spec.steering)
+            lora_slot = hosted.lora_slots.acquire(spec.adapter) if spec.adapter else -1
+            ponder = Lane(spec, sequence, lora_slot=lora_slot,
+                          wants_prompt_logits=orig.wants_prompt_logits
+                          and sequence.params.prompt_logprobs is not None)
+            hosted.reserved -= 1
+            hosted.add(ponder)
+            sequence.lanes.append(ponder)
+            joining.setdefault(hosted.name, []).append(ponder)
+        for name, lanes in joining.items():
+            lane_forward.prefill(self.models[name], lanes)
+
+    def _row_state(self, s: Sequence, first_token: bool) -> RowState:
         return RowState(s.params, s.prompt_ids if s.params.repetition_penalty != 1.0 else [],
-                        s.output_ids, s.generator, Engine._head_choice(s, hidden, first_token))
+                        s.output_ids, s.generator, self._head_choice(s, first_token))
 
     @staticmethod
-    def _head_choice(s: Sequence, hidden: torch.Tensor, first_token: bool) -> float | None:
-        """A learned head's temperature: every token, or once from the last prompt position."""
+    def _head_choice(s: Sequence, first_token: bool) -> float | None:
+        """A learned head's temperature: every token, or once from the last prompt position;
+        it reads the request's first lane's final hidden state."""
         rule = s.params.adaptive
         if rule is None or rule.method != "learned":
             return None
+        hidden = s.lanes[0].hidden
         if rule.level == "token":
             return head_temperature(rule, hidden, s.generator)
         if first_token:
@@ -240,81 +325,93 @@ class Engine:
         return s.sequence_temperature
 
     # ---- postprocess -------------------------------------------------------------------------
-    def _postprocess(self, lanes: list[Sequence], result: SampleResult,
-                     admitted: list[Sequence], prefill: PrefillResult | None) -> None:
+    def _postprocess(self, running: list[Sequence], result: SampleResult,
+                     admitted: list[Sequence]) -> None:
         tokens = result.tokens.tolist()
         chosen = result.logprobs.tolist() if result.logprobs is not None else None
         top_ids = result.top_ids.tolist() if result.top_ids is not None else None
         top_values = result.top_logprobs.tolist() if result.top_logprobs is not None else None
         temperatures = result.temperatures.tolist()
-        first_new = len(lanes) - len(admitted)
         finished: list[Sequence] = []
-        for row, lane in enumerate(lanes):
+        for row, s in enumerate(running):
+            text = self.token_text[s.lanes[0].spec.model]
             record = None
-            if lane.params.logprobs is not None and chosen is not None:
-                k = lane.params.logprobs
-                record = token_logprob(self.token_text, tokens[row], chosen[row],
+            if s.params.logprobs is not None and chosen is not None:
+                k = s.params.logprobs
+                record = token_logprob(text, tokens[row], chosen[row],
                                        top_ids[row][:k] if k else [],
                                        top_values[row][:k] if k else [])
             scored = None
-            if row >= first_new and lane.params.prompt_logprobs is not None:
-                scored = self._prompt_logprobs(lane, prefill.prompt_logits[row - first_new])
-            self._advance(lane, tokens[row], record, scored, temperatures[row])
-            if lane.finished:
-                finished.append(lane)
+            if s in admitted and s.params.prompt_logprobs is not None:
+                scored = self._prompt_logprobs(s, text)
+            self._advance(s, tokens[row], record, scored, temperatures[row])
+            if s.finished:
+                finished.append(s)
         if finished:
             self._release(finished)
 
-    def _prompt_logprobs(self, lane: Sequence, logits: torch.Tensor | None):
-        if len(lane.request.prompt_ids) < 2:
-            logits = None
-        return prompt_logprobs(self.token_text, lane.prompt_ids, logits,
-                               lane.params.prompt_logprobs or 0)
+    def _prompt_logprobs(self, s: Sequence, text: TokenText):
+        logits = prompt_logits(s, self._runners()) if len(s.request.prompt_ids) > 1 else None
+        return prompt_logprobs(text, s.prompt_ids, logits, s.params.prompt_logprobs or 0)
 
-    def _advance(self, lane: Sequence, token: int, record, scored, temperature: float) -> None:
-        params = lane.params
+    def _advance(self, s: Sequence, token: int, record, scored, temperature: float) -> None:
+        params = s.params
         if params.max_tokens == 0:  # scoring only (echo): no generated token
-            lane.finish_reason = FinishReason.LENGTH
-            self._emit(lane, (), (), scored)
+            s.finish_reason = FinishReason.LENGTH
+            self._emit(s, (), (), scored)
             return
-        lane.output_ids.append(token)
+        s.output_ids.append(token)
         self.stats.generation_tokens += 1
-        if lane.first_token_time is None:
-            lane.first_token_time = time.monotonic()
-        if token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos):
-            lane.finish_reason = FinishReason.STOP
+        if s.first_token_time is None:
+            s.first_token_time = time.monotonic()
+        if token in params.stop_token_ids or (token in s.eos_ids and not params.ignore_eos):
+            s.finish_reason = FinishReason.STOP
         else:
-            lane.detokenizer.add_token(token)
-            if lane.detokenizer.stopped:
-                lane.finish_reason = FinishReason.STOP
-        at_limit = (len(lane.output_ids) >= params.max_tokens
-                    or lane.num_tokens >= self.loaded.max_model_len)
-        if lane.finish_reason is None and at_limit:
-            lane.finish_reason = FinishReason.LENGTH
+            s.detokenizer.add_token(token)
+            if s.detokenizer.stopped:
+                s.finish_reason = FinishReason.STOP
+        at_limit = (len(s.output_ids) >= params.max_tokens
+                    or s.longest_lane_tokens >= self._context_limit(s))
+        if s.finish_reason is None and at_limit:
+            s.finish_reason = FinishReason.LENGTH
         used = (temperature,) if params.report_temperatures else ()
-        self._emit(lane, (token,), (record,) if record else (), scored, temperatures=used)
+        self._emit(s, (token,), (record,) if record else (), scored, temperatures=used)
 
-    def _emit(self, lane: Sequence, tokens, records, scored, error: str | None = None,
+    def _context_limit(self, s: Sequence) -> int:
+        return min(self.models[lane.spec.model].loaded.max_model_len for lane in s.lanes)
+
+    def _emit(self, s: Sequence, tokens, records, scored, error: str | None = None,
               temperatures: tuple[float, ...] = ()) -> None:
-        text = lane.detokenizer.release(final=lane.finished)
+        text = s.detokenizer.release(final=s.finished)
         output = RequestOutput(
-            request_id=lane.request_id, token_ids=tokens, text=text, logprobs=records,
-            finished=lane.finished, finish_reason=lane.finish_reason,
-            prompt_tokens=len(lane.request.prompt_ids),
-            completion_tokens=len(lane.output_ids), prompt_logprobs=scored, error=error,
+            request_id=s.request_id, token_ids=tokens, text=text, logprobs=records,
+            finished=s.finished, finish_reason=s.finish_reason,
+            prompt_tokens=len(s.request.prompt_ids),
+            completion_tokens=len(s.output_ids), prompt_logprobs=scored, error=error,
             temperatures=temperatures)
-        lane.request.sink(output)
+        s.request.sink(output)
 
     def _release(self, leaving: list[Sequence]) -> None:
-        for move in self.scheduler.release(leaving):
-            self.runner.move_slot(move.source, move.target, move.length)
-        for lane in leaving:
+        """Free every lane of the leaving requests (slots compacted per hosted model)."""
+        by_model: dict[str, list[Lane]] = {}
+        for s in leaving:
+            for lane in s.unique_lanes:
+                if lane.slot >= 0:
+                    by_model.setdefault(lane.spec.model, []).append(lane)
+            self._unreserve(s)
+        for name, lanes in by_model.items():
+            self.models[name].release(lanes)
+        self.scheduler.release(leaving)
+        for s in leaving:
             self._pending -= 1
-            if lane.lora_slot >= 0:
-                self.lora_slots.release(lane.lora_slot)
-                lane.lora_slot = -1
-            reason = lane.finish_reason.value if lane.finish_reason else "unknown"
+            reason = s.finish_reason.value if s.finish_reason else "unknown"
             self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+
+    def _unreserve(self, s: Sequence) -> None:
+        """An SH2 request leaving before its ponder lane joined gives its slot back."""
+        method = s.request.method
+        if method is not None and method.name == "sh2" and len(s.lanes) == 1:
+            self.models[s.lanes[0].spec.model].reserved -= 1
 
     # ---- aborts and failures -----------------------------------------------------------------
     def _abort(self, request_id: str) -> None:
@@ -325,17 +422,17 @@ class Engine:
                                        finish_reason=FinishReason.ABORT,
                                        prompt_tokens=len(request.prompt_ids)))
             return
-        lane = self.scheduler.find_running(request_id)
-        if lane is not None:
-            lane.finish_reason = FinishReason.ABORT
-            self._release([lane])
-            self._emit(lane, (), (), None)
+        s = self.scheduler.find_running(request_id)
+        if s is not None:
+            s.finish_reason = FinishReason.ABORT
+            self._release([s])
+            self._emit(s, (), (), None)
 
     def _fail_all(self, message: str) -> None:
-        lanes = list(self.scheduler.running)
-        for lane in lanes:
-            lane.finish_reason = FinishReason.ERROR
-        if lanes:
-            self._release(lanes)
-        for lane in lanes:
-            self._emit(lane, (), (), None, error=message)
+        running = list(self.scheduler.running)
+        for s in running:
+            s.finish_reason = FinishReason.ERROR
+        if running:
+            self._release(running)
+        for s in running:
+            self._emit(s, (), (), None, error=message)

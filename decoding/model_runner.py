@@ -68,6 +68,10 @@ class ModelRunner:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
+    def early_exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, C) block outputs -> (N, V): the final norm and LM head on an earlier layer."""
+        return self.logits(self.decoder.norm(hidden.to(self.lm_head.weight.dtype)))
+
     def _run(self, input_ids, position_ids, mask, window, lora_slots,
              steering: SteeringPlan | None) -> torch.Tensor:
         if self.lora_bank is None or lora_slots is None:

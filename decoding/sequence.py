@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,6 +14,10 @@ from decoding.detokenizer import IncrementalDetokenizer
 from decoding.lora_slots import AdapterWeights
 from decoding.sampling_params import SamplingParams
 from decoding.steering_spec import SteeringSpec
+
+if TYPE_CHECKING:
+    from decoding.lanes import Lane
+    from decoding.strategies import DecodingMethod
 
 
 class FinishReason(StrEnum):
@@ -66,18 +71,20 @@ class GenerationRequest:
     adapter: AdapterWeights | None = None  # LoRA adapter run over the base model
     steering: SteeringSpec | None = None  # activation steering edits, per layer
     arrival: float = field(default_factory=time.monotonic)
+    model: str | None = None  # hosted model; None = the engine's first model
+    method: DecodingMethod | None = None  # multi-lane decoding (its lanes include the model's)
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
-    """One lane: a sequence decoded on the model with its own KV-cache slot."""
+    """A running request: what it generated so far and the lanes that decode it."""
 
     request: GenerationRequest
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
     output_ids: list[int] = field(default_factory=list)
-    slot: int = -1
-    lora_slot: int = -1
+    lanes: list[Lane] = field(default_factory=list)  # in the method's order; may repeat one
+    eos_ids: frozenset[int] = frozenset()
     finish_reason: FinishReason | None = None
     first_token_time: float | None = None
     sequence_temperature: float | None = None  # a learned head's once-per-response choice
@@ -99,9 +106,12 @@ class Sequence:
         return len(self.request.prompt_ids) + len(self.output_ids)
 
     @property
-    def cached_length(self) -> int:
-        """Positions whose keys/values sit in the cache: all but the last sampled token."""
-        return self.num_tokens - 1 if self.output_ids else len(self.request.prompt_ids)
+    def unique_lanes(self) -> list[Lane]:
+        return list({id(lane): lane for lane in self.lanes}.values())
+
+    @property
+    def longest_lane_tokens(self) -> int:
+        return max(len(lane.prompt_ids) for lane in self.lanes) + len(self.output_ids)
 
     @property
     def finished(self) -> bool:

@@ -32,9 +32,8 @@ def _steer_block(module: torch.nn.Module, args, kwargs, output):
         steer_residual(hidden, call.vectors, call.vector_index, call.scale, call.mode,
                        call.normalize, call.position_mask)
     capture = plan.capture
-    if capture is not None and capture.target == SteerTarget.RESIDUAL and layer in capture.layers:
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        capture.found[layer] = hidden[rows, capture.positions].float().clone()
+    if capture is not None and capture.target == SteerTarget.RESIDUAL:
+        capture.read(layer, hidden)
     return None  # edited in place
 
 
@@ -56,9 +55,8 @@ def _steer_heads_output(plan: SteeringPlan, layer: int, out: torch.Tensor) -> No
     for call in plan.heads.get(layer, ()):
         steer_heads(flat, call.head_offsets, call.offset_index, call.scale, call.position_mask)
     capture = plan.capture
-    if capture is not None and capture.target == SteerTarget.HEADS and layer in capture.layers:
-        rows = torch.arange(flat.shape[0], device=flat.device)
-        capture.found[layer] = flat[rows, capture.positions].float().clone()
+    if capture is not None and capture.target == SteerTarget.HEADS:
+        capture.read(layer, flat)
 
 
 def install_steering_hooks(model: torch.nn.Module) -> None:

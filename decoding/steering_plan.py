@@ -39,12 +39,22 @@ class HeadCall:
 
 @dataclass
 class Capture:
-    """Extraction: record each row's block output (or heads' output) at one position."""
+    """Record block outputs (or heads' outputs): vector extraction, DoLa's early exits."""
 
     layers: frozenset[int]
     target: SteerTarget
-    positions: torch.Tensor  # (R,) position to read per row
-    found: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (R, W) fp32
+    positions: torch.Tensor | None  # (N,) one position per captured row; None = all
+    rows: torch.Tensor | None = None  # (N,) batch rows to capture; None = every row
+    found: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (N, W) / (N, S, W)
+
+    def read(self, layer: int, hidden: torch.Tensor) -> None:
+        """hidden (B, S, W): keep this layer's requested rows and positions, in fp32."""
+        if layer not in self.layers:
+            return
+        rows = self.rows if self.rows is not None else torch.arange(hidden.shape[0],
+                                                                   device=hidden.device)
+        picked = hidden[rows] if self.positions is None else hidden[rows, self.positions]
+        self.found[layer] = picked.float().clone()
 
 
 @dataclass

@@ -180,7 +180,7 @@ def test_apply_to_selects_positions(model_pair, directions):
 def test_unsteered_batch_has_no_plan_and_equals_hf(model_pair):
     loaded, reference = model_pair
     engine = make_engine(loaded)
-    assert engine._steering_for_decode([]) is None
+    assert engine.primary.steering_for_decode([]) is None
     assert generate(engine, PROMPTS[2], None) == hf_greedy(reference, PROMPTS[2], 8)
 
 
