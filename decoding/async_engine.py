@@ -12,6 +12,7 @@ from decoding.lora_slots import AdapterWeights
 from decoding.sampling_params import SamplingParams
 from decoding.sequence import GenerationRequest, RequestOutput
 from decoding.steering_spec import SteeringSpec
+from decoding.strategies import DecodingMethod
 
 Result = TypeVar("Result")
 
@@ -58,7 +59,8 @@ class AsyncEngine:
 
     async def stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                      adapter: AdapterWeights | None = None,
-                     steering: SteeringSpec | None = None) -> AsyncIterator[RequestOutput]:
+                     steering: SteeringSpec | None = None, model: str | None = None,
+                     method: DecodingMethod | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs until it finishes. Leaving early (the client went away,
         the handler was cancelled) aborts it, which frees its KV-cache slot at once."""
         loop = asyncio.get_running_loop()
@@ -68,7 +70,7 @@ class AsyncEngine:
             self._dispatcher.send(loop, outputs, output)
 
         self.engine.submit(GenerationRequest(request_id, tuple(prompt_ids), params, sink,
-                                             adapter, steering))
+                                             adapter, steering, model=model, method=method))
         finished = False
         try:
             while not finished:

@@ -51,17 +51,18 @@ def _early_logits(lane: Lane, runner: ModelRunner, position: int | None) -> torc
     return runner.early_exit_logits(torch.stack(picked))
 
 
-def _terms(mix: Mix, lanes: list[Lane], rows: _Rows, premature: torch.Tensor | None,
+def _terms(mix: Mix, s: Sequence, rows: _Rows, premature: torch.Tensor | None,
            logits_of, tag: int = 0) -> tuple[list[int], list[float], int]:
-    def lane_row(lane: Lane) -> int:
-        return rows.add((id(lane), tag), logits_of(lane), lane.spec.temperature)
+    def lane_row(position: int) -> int:
+        lane, temperature = s.lanes[position], s.lane_temperatures[position]
+        return rows.add((id(lane), temperature, tag), logits_of(lane), temperature)
 
     index, weights = [], []
     for position, weight in mix.terms:
-        index.append(rows.add(("early", id(lanes[0]), tag), premature) if position < 0
-                     else lane_row(lanes[position]))
+        index.append(rows.add(("early", id(s), tag), premature) if position < 0
+                     else lane_row(position))
         weights.append(weight)
-    plausible = -1 if mix.plausible is None else lane_row(lanes[mix.plausible])
+    plausible = -1 if mix.plausible is None else lane_row(mix.plausible)
     return index, weights, plausible
 
 
@@ -94,7 +95,7 @@ def next_token_logits(running: list[Sequence], runners: dict[str, ModelRunner],
             mature = s.lanes[0]
             premature = dola_premature(mature.logits, _early_logits(
                 mature, runners[mature.spec.model], None))
-        requests.append((mix, *_terms(mix, s.lanes, rows, premature, lambda lane: lane.logits)))
+        requests.append((mix, *_terms(mix, s, rows, premature, lambda lane: lane.logits)))
     return _combine(rows, requests)
 
 
@@ -121,5 +122,5 @@ def prompt_logits(s: Sequence, runners: dict[str, ModelRunner]) -> torch.Tensor 
             position = len(mature.prompt_ids) - 1 - count + t
             premature = dola_premature(at(mature), _early_logits(
                 mature, runners[mature.spec.model], position))
-        requests.append((mix, *_terms(mix, s.lanes, rows, premature, at, tag=t)))
+        requests.append((mix, *_terms(mix, s, rows, premature, at, tag=t)))
     return _combine(rows, requests)

@@ -227,6 +227,7 @@ class Engine:
                                                                            strict=True)]
         sequence.lanes = [next(lane for lane in lanes if lane.spec.same_as(spec))
                           for spec in specs]
+        sequence.lane_temperatures = [spec.temperature for spec in specs]
         self._prepare_lanes(sequence, lanes)
         return sequence
 
@@ -302,6 +303,7 @@ class Engine:
             hosted.reserved -= 1
             hosted.add(ponder)
             sequence.lanes.append(ponder)
+            sequence.lane_temperatures.append(1.0)
             joining.setdefault(hosted.name, []).append(ponder)
         for name, lanes in joining.items():
             lane_forward.prefill(self.models[name], lanes)

@@ -34,10 +34,10 @@ class LaneSpec:
     temperature: float = 1.0  # its logits are divided by this before combining
 
     def same_as(self, other: LaneSpec) -> bool:
-        """Identical lanes give identical logits: one forward serves both."""
+        """Identical lanes give identical logits: one forward serves both (a temperature
+        only scales them in the combination)."""
         return (self.model == other.model and self.prompt_ids == other.prompt_ids
-                and self.adapter is other.adapter and self.steering is other.steering
-                and self.temperature == other.temperature)
+                and self.adapter is other.adapter and self.steering is other.steering)
 
 
 @dataclass(eq=False)

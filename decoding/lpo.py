@@ -25,9 +25,8 @@ def lpo_loss(
 
     Each input is (P,): per response, the SUM over its tokens of log pi(temperature choice).
     """
-    shapes = {tuple(t.shape) for t in (
-        policy_chosen_logp, policy_rejected_logp, ref_chosen_logp, ref_rejected_logp
-    )}
+    inputs = (policy_chosen_logp, policy_rejected_logp, ref_chosen_logp, ref_rejected_logp)
+    shapes = {tuple(t.shape) for t in inputs}
     if len(shapes) != 1 or len(next(iter(shapes))) != 1:
         raise ValueError(f"lpo_loss needs four (P,) tensors of one shape, got {sorted(shapes)}")
     if policy_chosen_logp.numel() == 0:

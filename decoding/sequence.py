@@ -84,6 +84,7 @@ class Sequence:
     generator: torch.Generator | None
     output_ids: list[int] = field(default_factory=list)
     lanes: list[Lane] = field(default_factory=list)  # in the method's order; may repeat one
+    lane_temperatures: list[float] = field(default_factory=list)  # per position in `lanes`
     eos_ids: frozenset[int] = frozenset()
     finish_reason: FinishReason | None = None
     first_token_time: float | None = None

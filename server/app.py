@@ -33,17 +33,23 @@ from server.steering_routes import delete_vector, describe_vector, extract_vecto
 logger = logging.getLogger(__name__)
 
 
-def build_context(settings: ServerSettings, model: LoadedModel) -> ServingContext:
+def build_context(settings: ServerSettings, model: LoadedModel,
+                  others: list[LoadedModel] | None = None) -> ServingContext:
+    others = others or []
+    names = [model.name] + [m.name for m in others]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"hosted model names must differ: {names}")
     engine = Engine(model, EngineConfig(
         max_num_seqs=settings.max_num_seqs, max_queue=settings.max_queue,
         max_prefill_tokens=settings.max_prefill_tokens,
         max_loras=settings.max_loras if settings.lora_enabled else 0,
-        max_lora_rank=settings.max_lora_rank))
+        max_lora_rank=settings.max_lora_rank), others)
     limits = Limits(max_model_len=model.max_model_len, vocab_size=engine.runner.vocab_size,
                     max_n=settings.max_n, max_stop=settings.max_stop)
     ctx = ServingContext(settings, model, AsyncEngine(engine), Metrics(engine), limits,
                          int(time.time()), AdapterRegistry(), load_vectors(settings),
-                         ModelShape.of(model.model.config), load_heads(settings, model))
+                         ModelShape.of(model.model.config), load_heads(settings, model),
+                         {m.name: m for m in [model, *others]})
     for name, path in settings.loras:
         register(ctx, name, Path(path).expanduser().resolve())
     check_vector_widths(ctx)
@@ -94,14 +100,15 @@ def check_vector_widths(ctx: ServingContext) -> None:
 
 
 def model_cards(ctx: ServingContext) -> list[dict]:
-    base = {"id": ctx.model_name, "object": "model", "created": ctx.created,
-            "owned_by": "steerserve", "root": ctx.settings.model, "parent": None,
-            "max_model_len": ctx.model.max_model_len}
+    roots = {ctx.model_name: ctx.settings.model, **dict(ctx.settings.extra_models)}
+    hosted = [{"id": name, "object": "model", "created": ctx.created, "owned_by": "steerserve",
+               "root": roots.get(name, name), "parent": None,
+               "max_model_len": model.max_model_len} for name, model in ctx.models.items()]
     adapters = [{"id": name, "object": "model", "created": ctx.created,
                  "owned_by": "steerserve", "root": str(adapter.path),
                  "parent": ctx.model_name, "max_model_len": ctx.model.max_model_len}
                 for name, adapter in ctx.adapters.items()]
-    return [base, *adapters]
+    return [*hosted, *adapters]
 
 
 def create_app(ctx: ServingContext) -> FastAPI:

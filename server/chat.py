@@ -10,11 +10,10 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from decoding.lora_slots import AdapterWeights
 from server.adaptive import resolve_adaptive
 from server.body import parse_request
 from server.choices import ChoiceResult, ChoiceSpec, collect, ensure_capacity, run_choices
-from server.context import ServingContext, resolve_model
+from server.context import Served, ServingContext, resolve_model
 from server.convert import (
     chat_prompt,
     check_chat_extras,
@@ -24,6 +23,7 @@ from server.convert import (
 )
 from server.errors import error_payload
 from server.formatting import ResponseMeta, chat_logprobs, new_id, usage
+from server.methods import Target, describe, resolve_method
 from server.schemas import ChatCompletionRequest
 from server.steering import resolve_steering
 
@@ -31,26 +31,28 @@ CHUNK = "chat.completion.chunk"
 
 
 def build_specs(ctx: ServingContext, req: ChatCompletionRequest,
-                adapter: AdapterWeights | None) -> list[ChoiceSpec]:
-    check_common(req, ctx.limits)
+                served: Served) -> list[ChoiceSpec]:
+    check_common(req, served.limits)
     check_chat_extras(req, ctx.settings.allow_request_chat_template)
-    prompt = chat_prompt(ctx.model.tokenizer, req)
+    prompt = chat_prompt(served.model.tokenizer, req)
     requested = req.max_completion_tokens or req.max_tokens
-    max_tokens = completion_budget(requested, len(prompt), ctx.limits, "messages")
+    max_tokens = completion_budget(requested, len(prompt), served.limits, "messages")
     top = (req.top_logprobs or 0) if req.logprobs else None
-    steering = resolve_steering(req.steering, ctx.vectors, ctx.shape, ctx.model.device)
+    steering = resolve_steering(req.steering, ctx.vectors, served.shape, served.model.device)
     adaptive = resolve_adaptive(req, ctx.temperature_heads)
+    method = resolve_method(ctx, req, Target(served.name, served.adapter),
+                            lambda model, _: chat_prompt(ctx.models[model].tokenizer, req),
+                            steering, scoring=False)
     return [ChoiceSpec(i, prompt, sampling_params(req, max_tokens, top, choice=i,
-                                                  adaptive=adaptive), adapter, steering)
-            for i in range(req.n)]
+                                                  adaptive=adaptive), served.adapter, steering,
+                       served.name, method) for i in range(req.n)]
 
 
 async def chat_completions(request: Request, ctx: ServingContext):
     req = await parse_request(request, ChatCompletionRequest, ctx.settings.max_body_bytes)
-    adapter = resolve_model(ctx, req.model)
-    specs = build_specs(ctx, req, adapter)
+    specs = build_specs(ctx, req, resolve_model(ctx, req.model))
     ensure_capacity(ctx, len(specs))
-    meta = ResponseMeta(new_id("chatcmpl"), int(time.time()), req.model)
+    meta = ResponseMeta(new_id("chatcmpl"), int(time.time()), req.model, describe(req.decoding))
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         events = stream_chat(ctx, meta, specs, include_usage, req.logprobs,

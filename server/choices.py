@@ -12,6 +12,7 @@ from decoding.lora_slots import AdapterWeights
 from decoding.sampling_params import SamplingParams
 from decoding.sequence import RequestOutput, TokenLogprob
 from decoding.steering_spec import SteeringSpec
+from decoding.strategies import DecodingMethod
 from server.context import ServingContext
 from server.errors import APIError
 
@@ -23,6 +24,8 @@ class ChoiceSpec:
     params: SamplingParams
     adapter: AdapterWeights | None = None
     steering: SteeringSpec | None = None
+    model: str | None = None  # hosted model (None: the first)
+    method: DecodingMethod | None = None
 
 
 @dataclass
@@ -65,7 +68,8 @@ async def _pump(ctx: ServingContext, request_id: str, spec: ChoiceSpec,
                 merged: asyncio.Queue) -> None:
     try:
         async for output in ctx.engine.stream(request_id, spec.prompt_ids, spec.params,
-                                                spec.adapter, spec.steering):
+                                                spec.adapter, spec.steering, spec.model,
+                                                spec.method):
             await merged.put((spec.index, output))
     except QueueFull as exc:
         await merged.put((spec.index, exc))

@@ -34,8 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default=DEFAULTS.model,
-                       help="embedded model name (SmolLM2-135M-Instruct), a Hugging Face model "
+    group.add_argument("--model", action="append", default=[], metavar="[NAME=]PATH",
+                       help="a model to host (repeatable; the first is the default and carries "
+                       "the LoRA adapters; several are for multi-model decoding such as "
+                       "proxy-tuning): the embedded model's name (SmolLM2-135M-Instruct, the "
+                       "default), a Hugging Face model "
                        "directory with safetensors weights, or a .gguf file")
     group.add_argument("--served-model-name", default=None,
                        help="name clients put in 'model' (default: derived from --model)")
@@ -106,12 +109,31 @@ def add_temperature_options(parser: argparse.ArgumentParser) -> None:
                        "\"head\": NAME}}")
 
 
-def parse_named_paths(values: list[str], flag: str,
-                      root: str | None = None) -> tuple[tuple[str, str], ...]:
+def primary_model(values: list[str]) -> str:
+    first = values[0] if values else DEFAULTS.model
+    name, sep, path = first.partition("=")
+    return path if sep and name and path else first
+
+
+def served_name(args: argparse.Namespace) -> str | None:
+    """--served-model-name, else the NAME of a first --model NAME=PATH."""
+    if args.served_model_name or not args.model:
+        return args.served_model_name
+    name, sep, path = args.model[0].partition("=")
+    return name if sep and name and path else None
+
+
+def parse_named_paths(values: list[str], flag: str, root: str | None = None,
+                      named: bool = True) -> tuple[tuple[str, str], ...]:
+    """NAME=PATH values; with named=False a bare PATH is named after the model."""
+    from decoding.model_loader import default_model_name
+
     pairs = []
     for value in values:
         name, sep, path = value.partition("=")
-        if not sep or not name or not path:
+        if not named and not (sep and name and path):
+            name, path = default_model_name(value), value
+        elif not sep or not name or not path:
             raise SystemExit(f"{flag} expects NAME=PATH, got '{value}'")
         if root and not Path(path).is_absolute():
             path = str(Path(root) / path)
@@ -140,7 +162,8 @@ def add_http_options(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(
-        model=args.model, served_model_name=args.served_model_name, host=args.host,
+        model=primary_model(args.model), served_model_name=served_name(args),
+        extra_models=parse_named_paths(args.model[1:], "--model", named=False), host=args.host,
         port=args.port, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_queue=args.max_queue,
         max_prefill_tokens=args.max_prefill_tokens, max_n=args.max_n, max_stop=args.max_stop,
@@ -166,7 +189,10 @@ def serve(settings: ServerSettings) -> None:
         torch.set_num_threads(settings.threads)
     model = load_model(settings.model, name=settings.served_model_name, dtype=settings.dtype,
                        device=settings.device, max_model_len=settings.max_model_len)
-    app = create_app(build_context(settings, model))
+    others = [load_model(path, name=name, dtype=settings.dtype, device=settings.device,
+                         max_model_len=settings.max_model_len)
+              for name, path in settings.extra_models]
+    app = create_app(build_context(settings, model, others))
     logging.getLogger(__name__).info("serving '%s' on http://%s:%d/v1", model.name,
                                      settings.host, settings.port)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,

@@ -10,11 +10,10 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from decoding.lora_slots import AdapterWeights
 from server.adaptive import resolve_adaptive
 from server.body import parse_request
 from server.choices import ChoiceResult, ChoiceSpec, collect, ensure_capacity, run_choices
-from server.context import ServingContext, resolve_model
+from server.context import Served, ServingContext, resolve_model
 from server.convert import (
     check_common,
     check_completion_extras,
@@ -24,34 +23,53 @@ from server.convert import (
 )
 from server.errors import error_payload
 from server.formatting import ResponseMeta, legacy_logprobs, new_id, usage
+from server.methods import Target, describe, resolve_method
 from server.schemas import CompletionRequest
 from server.steering import resolve_steering
 
 
-def build_specs(ctx: ServingContext, req: CompletionRequest,
-                adapter: AdapterWeights | None) -> list[ChoiceSpec]:
-    check_common(req, ctx.limits)
+def lane_prompt(ctx: ServingContext, served: Served, prompt: list[int]):
+    """Each lane's tokens for one prompt: the same text through that model's tokenizer,
+    or through its chat template (proxy-tuning's expert_chat_template)."""
+    text = served.model.tokenizer.decode(prompt)
+
+    def prompt_for(model: str, chat_template: bool) -> list[int]:
+        tokenizer = ctx.models[model].tokenizer
+        if chat_template:
+            return list(tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True,
+                tokenize=True, return_dict=False))
+        return prompt if tokenizer is served.model.tokenizer else tokenizer(text)["input_ids"]
+
+    return prompt_for
+
+
+def build_specs(ctx: ServingContext, req: CompletionRequest, served: Served) -> list[ChoiceSpec]:
+    check_common(req, served.limits)
     check_completion_extras(req)
-    prompts = completion_prompts(ctx.model.tokenizer, req, ctx.limits.vocab_size)
-    steering = resolve_steering(req.steering, ctx.vectors, ctx.shape, ctx.model.device)
+    prompts = completion_prompts(served.model.tokenizer, req, served.limits.vocab_size)
+    steering = resolve_steering(req.steering, ctx.vectors, served.shape, served.model.device)
     adaptive = resolve_adaptive(req, ctx.temperature_heads)
+    scoring = req.logprobs if req.echo and req.logprobs is not None else None
     specs = []
     for p, prompt in enumerate(prompts):
-        max_tokens = completion_budget(req.max_tokens, len(prompt), ctx.limits, "prompt")
-        scoring = req.logprobs if req.echo and req.logprobs is not None else None
+        max_tokens = completion_budget(req.max_tokens, len(prompt), served.limits, "prompt")
+        method = resolve_method(ctx, req, Target(served.name, served.adapter),
+                                lane_prompt(ctx, served, prompt), steering, scoring is not None)
         for i in range(req.n):
             params = sampling_params(req, max_tokens, req.logprobs, scoring, choice=i,
                                      adaptive=adaptive)
-            specs.append(ChoiceSpec(p * req.n + i, prompt, params, adapter, steering))
+            specs.append(ChoiceSpec(p * req.n + i, prompt, params, served.adapter, steering,
+                                    served.name, method))
     return specs
 
 
 async def completions(request: Request, ctx: ServingContext):
     req = await parse_request(request, CompletionRequest, ctx.settings.max_body_bytes)
-    adapter = resolve_model(ctx, req.model)
-    specs = build_specs(ctx, req, adapter)
+    served = resolve_model(ctx, req.model)
+    specs = build_specs(ctx, req, served)
     ensure_capacity(ctx, len(specs))
-    meta = ResponseMeta(new_id("cmpl"), int(time.time()), req.model)
+    meta = ResponseMeta(new_id("cmpl"), int(time.time()), req.model, describe(req.decoding))
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         events = stream_completion(ctx, req, meta, specs, include_usage)
@@ -62,7 +80,7 @@ async def completions(request: Request, ctx: ServingContext):
 
 def _choice_text_and_logprobs(ctx: ServingContext, req: CompletionRequest, spec: ChoiceSpec,
                               result: ChoiceResult) -> tuple[str, dict | None]:
-    prefix = ctx.model.tokenizer.decode(spec.prompt_ids) if req.echo else ""
+    prefix = ctx.models[spec.model].tokenizer.decode(spec.prompt_ids) if req.echo else ""
     if req.logprobs is None:
         return prefix + result.text, None
     records = list(result.prompt_logprobs or ()) + result.logprobs
@@ -98,7 +116,7 @@ async def stream_completion(ctx: ServingContext, req: CompletionRequest, meta: R
                             specs: list[ChoiceSpec], include_usage: bool) -> AsyncIterator[str]:
     if req.echo:
         for spec in specs:
-            text = ctx.model.tokenizer.decode(spec.prompt_ids)
+            text = ctx.models[spec.model].tokenizer.decode(spec.prompt_ids)
             yield _chunk(meta, [
                 {"index": spec.index, "text": text, "logprobs": None, "finish_reason": None}])
     completion_tokens = 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from adapters.registry import AdapterRegistry
 from adapters.vector_store import VectorStore
@@ -20,7 +20,7 @@ from server.settings import ServerSettings
 @dataclass(frozen=True)
 class ServingContext:
     settings: ServerSettings
-    model: LoadedModel
+    model: LoadedModel  # the first hosted model: LoRA adapters run over it
     engine: AsyncEngine
     metrics: Metrics
     limits: Limits
@@ -29,19 +29,44 @@ class ServingContext:
     vectors: VectorStore
     shape: ModelShape
     temperature_heads: dict[str, TemperatureHead]
+    models: dict[str, LoadedModel] = field(default_factory=dict)  # every hosted model
+    vocab_checks: dict[tuple[str, str], bool] = field(default_factory=dict)
 
     @property
     def model_name(self) -> str:
         return self.model.name
 
 
-def resolve_model(ctx: ServingContext, name: str) -> AdapterWeights | None:
-    """The request's `model`: the base model (None) or a LoRA adapter over it (vLLM's rule)."""
-    if name == ctx.model_name:
-        return None
+@dataclass(frozen=True)
+class Served:
+    """What a request's `model` names: a hosted model, or an adapter over the first one."""
+
+    name: str  # the hosted model's name
+    model: LoadedModel
+    adapter: AdapterWeights | None
+    limits: Limits
+    shape: ModelShape
+
+
+def resolve_reference(ctx: ServingContext, name: str,
+                      param: str = "model") -> tuple[str, AdapterWeights | None]:
+    """A model reference: a hosted model (no adapter) or a LoRA adapter (vLLM's rule)."""
+    if name in ctx.models:
+        return name, None
     adapter = ctx.adapters.get(name)
     if adapter is None:
-        served = [ctx.model_name] + [n for n, _ in ctx.adapters.items()]
+        served = [*ctx.models] + [n for n, _ in ctx.adapters.items()]
         raise APIError(404, f"The model '{name}' does not exist on this server "
-                       f"(served: {', '.join(served)})", "model", "model_not_found")
-    return adapter
+                       f"(served: {', '.join(served)})", param, "model_not_found")
+    return ctx.model_name, adapter
+
+
+def resolve_model(ctx: ServingContext, name: str) -> Served:
+    hosted, adapter = resolve_reference(ctx, name)
+    if hosted == ctx.model_name:
+        return Served(hosted, ctx.model, adapter, ctx.limits, ctx.shape)
+    model = ctx.models[hosted]
+    runner = ctx.engine.engine.models[hosted].runner
+    limits = Limits(model.max_model_len, runner.vocab_size, ctx.limits.max_n,
+                    ctx.limits.max_stop)
+    return Served(hosted, model, None, limits, ModelShape.of(model.model.config))

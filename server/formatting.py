@@ -52,7 +52,11 @@ class ResponseMeta:
     id: str
     created: int
     model: str  # as the client named it: the base model or an adapter
+    decoding: dict | None = None  # the multi-lane method used, reported back
 
     def envelope(self, object_name: str, choices: list[dict]) -> dict:
-        return {"id": self.id, "object": object_name, "created": self.created,
+        body = {"id": self.id, "object": object_name, "created": self.created,
                 "model": self.model, "choices": choices}
+        if self.decoding is not None:
+            body["decoding"] = self.decoding
+        return body

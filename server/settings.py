@@ -9,6 +9,7 @@ from dataclasses import dataclass
 class ServerSettings:
     model: str = "SmolLM2-135M-Instruct"
     served_model_name: str | None = None
+    extra_models: tuple[tuple[str, str], ...] = ()  # (name, path): more hosted models
     host: str = "127.0.0.1"
     port: int = 8000
     dtype: str = "auto"

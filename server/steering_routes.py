@@ -22,11 +22,12 @@ from adapters.registry import NameTaken
 from adapters.steering_extract import compute_direction
 from adapters.steering_vectors import SteeringVector, export_gguf, save_safetensors
 from adapters.vector_store import check_vector_name
+from decoding.model_loader import LoadedModel
 from decoding.model_runner import ModelRunner
 from decoding.steering_plan import Capture
 from decoding.steering_spec import SteerTarget
 from server.body import parse_request
-from server.context import ServingContext, resolve_model
+from server.context import ServingContext, resolve_reference
 from server.errors import APIError
 from server.steering import layer_list
 from server.steering_schemas import ExtractVectorRequest
@@ -38,11 +39,11 @@ def _adapter_error(exc: AdapterError, param: str) -> APIError:
     return APIError(exc.status, str(exc), exc.param or param)
 
 
-def _tokenize(ctx: ServingContext, texts: list[str], param: str) -> list[list[int]]:
-    prompts = [ctx.model.tokenizer(text)["input_ids"] for text in texts]
+def _tokenize(model: LoadedModel, texts: list[str], param: str) -> list[list[int]]:
+    prompts = [model.tokenizer(text)["input_ids"] for text in texts]
     for ids in prompts:
-        if not ids or len(ids) > ctx.model.max_model_len:
-            raise APIError(400, f"each text must have 1..{ctx.model.max_model_len} tokens", param)
+        if not ids or len(ids) > model.max_model_len:
+            raise APIError(400, f"each text must have 1..{model.max_model_len} tokens", param)
     return prompts
 
 
@@ -53,14 +54,14 @@ def _check_request(ctx: ServingContext, req: ExtractVectorRequest) -> list[int]:
         raise _adapter_error(exc, "name") from exc
     if ctx.vectors.get(req.name) is not None:
         raise APIError(400, f"a steering vector named '{req.name}' already exists", "name")
-    if resolve_model(ctx, req.model) is not None:
+    if resolve_reference(ctx, req.model)[1] is not None:
         raise APIError(400, "vectors are extracted on a hosted model, not on an adapter", "model")
     if len(req.positive) != len(req.negative):
         raise APIError(400, f"positive has {len(req.positive)} texts but negative has "
                        f"{len(req.negative)}: they are pairs", "negative")
     if req.method != "mean_diff" and len(req.positive) < 2:
         raise APIError(400, f"method '{req.method}' needs at least 2 pairs", "positive")
-    num_layers = ctx.shape.num_layers
+    num_layers = ctx.models[req.model].model.config.num_hidden_layers
     # repeng's default: every block but the first.
     layers = req.layers if req.layers is not None else list(range(1, num_layers))
     return layer_list(layers, num_layers, "layers")
@@ -77,7 +78,7 @@ def capture_batch(runner: ModelRunner, prompts: list[list[int]], layers: list[in
 
 async def _activations(ctx: ServingContext, req: ExtractVectorRequest, prompts: list[list[int]],
                        layers: list[int]) -> dict[int, torch.Tensor]:
-    runner = ctx.engine.engine.runner
+    runner = ctx.engine.engine.models[req.model].runner
     target = SteerTarget(req.target)
     parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     started = time.monotonic()
@@ -103,13 +104,14 @@ def _directions(acts: dict[int, torch.Tensor], num_pairs: int,
 async def extract_vector(request: Request, ctx: ServingContext) -> JSONResponse:
     req = await parse_request(request, ExtractVectorRequest, ctx.settings.max_body_bytes)
     layers = _check_request(ctx, req)
-    prompts = (_tokenize(ctx, req.positive, "positive")
-               + _tokenize(ctx, req.negative, "negative"))
+    model = ctx.models[req.model]
+    prompts = (_tokenize(model, req.positive, "positive")
+               + _tokenize(model, req.negative, "negative"))
     acts = await _activations(ctx, req, prompts, layers)
     directions = await asyncio.to_thread(_directions, acts, len(req.positive), req.method)
     vector = SteeringVector(
         name=req.name, directions=directions, width=next(iter(acts.values())).shape[1],
-        target=req.target, model=ctx.model_name, method=req.method,
+        target=req.target, model=req.model, method=req.method,
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         source="extracted")
     try:
@@ -146,7 +148,8 @@ def describe_vector(ctx: ServingContext, name: str, file_format: str | None) -> 
         path = Path(tmp) / f"{name}.{file_format}"
         try:
             if file_format == "gguf":
-                export_gguf(vector, path, ctx.model.model.config.model_type)  # repeng's hint
+                model = ctx.models.get(vector.model or "", ctx.model)
+                export_gguf(vector, path, model.model.config.model_type)  # repeng's hint
             else:
                 save_safetensors(vector, path)
         except AdapterError as exc:
