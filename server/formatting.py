@@ -16,10 +16,20 @@ def _bytes(text: str) -> list[int]:
     return list(text.encode("utf-8"))
 
 
+# JSON has no -inf; a token a method rules out (a plausibility mask) is reported with vLLM's
+# floor instead.
+LOGPROB_FLOOR = -9999.0
+
+
+def _finite(logprob: float | None) -> float | None:
+    return None if logprob is None else max(logprob, LOGPROB_FLOOR)
+
+
 def chat_logprobs(records: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> dict:
     return {"content": [
-        {"token": r.token, "logprob": r.logprob, "bytes": _bytes(r.token),
-         "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": _bytes(t.token)}
+        {"token": r.token, "logprob": _finite(r.logprob), "bytes": _bytes(r.token),
+         "top_logprobs": [{"token": t.token, "logprob": _finite(t.logprob),
+                           "bytes": _bytes(t.token)}
                           for t in r.top]}
         for r in records
     ]}
@@ -31,9 +41,9 @@ def legacy_logprobs(records: list[TokenLogprob], text_offset: int = 0) -> dict:
     offset = text_offset
     for record in records:
         tokens.append(record.token)
-        token_logprobs.append(record.logprob)
+        token_logprobs.append(_finite(record.logprob))
         scored = record.logprob is not None
-        top.append({t.token: t.logprob for t in record.top} if scored else None)
+        top.append({t.token: _finite(t.logprob) for t in record.top} if scored else None)
         offsets.append(offset)
         offset += len(record.token)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top,

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
@@ -76,3 +77,6 @@ class LiveServer:
             self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.process.kill()
+        log_dir = os.environ.get("STEERSERVE_TEST_LOGS")  # debugging aid: keep the server log
+        if log_dir:
+            Path(log_dir, f"server-{self.port}.log").write_text(self.process.stderr.read())
