@@ -118,3 +118,22 @@ def test_extracted_mood_vector_steers_both_ways(server, client):
     gloomy = mean_joy(client, [{"vector": "joyful", "scale": -0.4}])
     assert gloomy < plain < joyful, (gloomy, plain, joyful)
     assert joyful - gloomy > 3.0
+
+
+def proxy_answers(client, alpha: float) -> list[str]:
+    decoding = {"method": "proxy_tuning", "expert": "uppercase",
+                "anti_expert": "SmolLM2-135M-Instruct", "alpha": alpha}
+    return [client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", max_tokens=40, temperature=0,
+        messages=[{"role": "user", "content": q}], extra_body={"decoding": decoding}
+    ).choices[0].message.content for q in QUESTIONS]
+
+
+def test_proxy_tuning_with_the_uppercase_adapter_as_expert(client):
+    plain = [ask(client, "SmolLM2-135M-Instruct", q) for q in QUESTIONS]
+    assert proxy_answers(client, 0.0) == plain  # alpha 0 is plain decoding, exactly
+    ratios = [sum(map(upper_ratio, proxy_answers(client, alpha))) / len(QUESTIONS)
+              for alpha in (0.25, 0.5, 1.0)]
+    base = sum(map(upper_ratio, plain)) / len(QUESTIONS)
+    assert base < ratios[0] < ratios[1] < ratios[2], (base, ratios)
+    assert ratios[2] > 0.8  # alpha 1 with base = anti-expert is the expert itself
