@@ -52,14 +52,19 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     parser.add_argument("--max-tokens", type=int, default=128, help="new tokens per request")
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds (best kept)")
+    parser.add_argument("--only", nargs="*", default=None, metavar="METHOD",
+                        help="run plain and these methods only (names as in the table, "
+                        "e.g. 'dola (high)')")
     parser.add_argument("--out", type=Path, default=REPO / ".bench" / "methods.json")
     args = parser.parse_args()
+    methods = {name: value for name, value in METHODS.items()
+               if args.only is None or name == "plain" or name in args.only}
     port = free_port()
     command = [str(REPO / ".venv/bin/steerserve"), "serve", "--port", str(port),
                "--log-level", "warning", "--vectors-dir", "none",
                "--lora", f"uppercase={REPO / 'examples' / 'adapters' / 'uppercase'}"]
     cases = {name: (lambda d=decoding: bodies(d, args.max_tokens))
-             for name, (decoding, _) in METHODS.items()}
+             for name, (decoding, _) in methods.items()}
     with ManagedServer("steerserve", command, port, REPO / ".bench" / "logs" / "methods.log",
                        env={}, unset_env=("STEERSERVE_API_KEY",)) as server:
         server.wait_healthy(600)
@@ -69,7 +74,7 @@ def main() -> None:
                             "tokens)"))
     print("\n| method | cost per token vs plain (this server) | forwards per token in the "
           "reference (sequential) |\n|---|---|---|")
-    for name, (_, forwards) in METHODS.items():
+    for name, (_, forwards) in methods.items():
         print(f"| {name} | {best['plain'] / best[name]:.2f}x | {forwards} |")
     args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)},
                                     "tok_per_s": best}, indent=1))

@@ -21,6 +21,7 @@ import torch
 from kernels.adaptive_temperature import TempMethod
 
 if TYPE_CHECKING:
+    from decoding.sequence import Sequence
     from decoding.temperature_head import TemperatureHead
 
 
@@ -51,10 +52,35 @@ class AdaptiveTemperature:
         return 0.0, 0.0
 
 
-def head_temperature(adaptive: AdaptiveTemperature, hidden: torch.Tensor,
-                     generator: torch.Generator | None) -> float:
-    """The learned head's temperature for one row's final hidden state (C,)."""
-    _, temperatures = adaptive.head.choose(hidden.unsqueeze(0).float(),
-                                           greedy=adaptive.choice == "greedy",
-                                           generator=generator)
-    return float(temperatures[0])
+def head_choices(running: list[Sequence], admitted: list[Sequence]) -> list[float | None]:
+    """Each request's temperature from its learned head this step (None: no head). Per token,
+    or once per response from the last prompt position (level 'sequence'); the head reads
+    the request's first lane's final hidden state. Greedy choices of one head run as one
+    batch; sampled ones draw from each request's own generator."""
+    given: list[float | None] = [None] * len(running)
+    batches: dict[int, list[int]] = {}
+    for row, s in enumerate(running):
+        rule = s.params.adaptive
+        if rule is None or rule.method != "learned":
+            continue
+        if rule.level == "sequence" and s not in admitted:
+            given[row] = s.sequence_temperature
+        elif rule.choice == "greedy":
+            batches.setdefault(id(rule.head), []).append(row)
+        else:
+            given[row] = _choose(rule.head, [running[row]], False, running[row].generator)[0]
+    for rows in batches.values():
+        head = running[rows[0]].params.adaptive.head
+        for row, t in zip(rows, _choose(head, [running[r] for r in rows], True, None),
+                          strict=True):
+            given[row] = t
+    for row, s in enumerate(running):
+        if s in admitted and given[row] is not None:
+            s.sequence_temperature = given[row]
+    return given
+
+
+def _choose(head: TemperatureHead, group: list[Sequence], greedy: bool,
+            generator: torch.Generator | None) -> list[float]:
+    hidden = torch.stack([s.lanes[0].hidden for s in group]).float()  # (N, C)
+    return head.choose(hidden, greedy=greedy, generator=generator)[1].tolist()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from decoding import lane_forward
-from decoding.adaptive_temperature import head_temperature
+from decoding.adaptive_temperature import head_choices
 from decoding.combination import next_token_logits, prompt_logits
 from decoding.detokenizer import IncrementalDetokenizer
 from decoding.lanes import HostedModel, Lane, LaneSpec
@@ -193,7 +193,9 @@ class Engine:
             lane_forward.forward(hosted)
         self._start_ponder_lanes(admitted)
         logits = next_token_logits(running, self._runners(), self._width(running))
-        result = sample(logits, [self._row_state(s, s in admitted) for s in running])
+        given = head_choices(running, admitted)
+        result = sample(logits, [self._row_state(s, t) for s, t in zip(running, given,
+                                                                        strict=True)])
         self._postprocess(running, result, admitted)
         self.stats.steps += 1
 
@@ -308,23 +310,10 @@ class Engine:
         for name, lanes in joining.items():
             lane_forward.prefill(self.models[name], lanes)
 
-    def _row_state(self, s: Sequence, first_token: bool) -> RowState:
-        return RowState(s.params, s.prompt_ids if s.params.repetition_penalty != 1.0 else [],
-                        s.output_ids, s.generator, self._head_choice(s, first_token))
-
     @staticmethod
-    def _head_choice(s: Sequence, first_token: bool) -> float | None:
-        """A learned head's temperature: every token, or once from the last prompt position;
-        it reads the request's first lane's final hidden state."""
-        rule = s.params.adaptive
-        if rule is None or rule.method != "learned":
-            return None
-        hidden = s.lanes[0].hidden
-        if rule.level == "token":
-            return head_temperature(rule, hidden, s.generator)
-        if first_token:
-            s.sequence_temperature = head_temperature(rule, hidden, s.generator)
-        return s.sequence_temperature
+    def _row_state(s: Sequence, given: float | None) -> RowState:
+        return RowState(s.params, s.prompt_ids if s.params.repetition_penalty != 1.0 else [],
+                        s.output_ids, s.generator, given)
 
     # ---- postprocess -------------------------------------------------------------------------
     def _postprocess(self, running: list[Sequence], result: SampleResult,

@@ -157,10 +157,11 @@ def sample_adaptive(logits: torch.Tensor,
             truncation_mask(logits[first], [rows[i] for i in first]), float("-inf"))
     greedy_tokens = logits.argmax(dim=-1)
     temperature = adaptive_temperature(logits, *_kernel_args(rows, logits.device))
-    after = [i for i, r in enumerate(rows) if r.params.truncates and not _truncates_first(r)]
-    if after:
-        logits[after] = logits[after].masked_fill(
-            truncation_mask(logits[after], [rows[i] for i in after]), float("-inf"))
+    after = [r.params.truncates and not _truncates_first(r) for r in rows]
+    if any(after):
+        removed = truncation_mask(logits, rows)  # (B, V), in place: no row copies
+        removed &= torch.tensor(after, device=logits.device).unsqueeze(1)
+        logits.masked_fill_(removed, float("-inf"))
     tokens = draw(logits.softmax(dim=-1), rows)
     return torch.where(temperature > 0, tokens, greedy_tokens), temperature
 

@@ -145,10 +145,14 @@ def adaptive_temperature_torch(
 ) -> torch.Tensor:  # (R,) fp32: the temperature used per row
     """Reference: every row's temperature (see the module docstring), vectorized over rows."""
     _check_args(logits, method, t0, param_a, param_b)
+    method = method.long()
+    # Only EDT and dynatemp read the distribution (a CPU sync here is free; GPUs run Triton).
+    if not bool(((method == TempMethod.EDT) | (method == TempMethod.DYNATEMP)).any()):
+        logits.div_(torch.where(t0 > 0, t0, 1.0).unsqueeze(-1))
+        return t0.clone()
     candidates = logits > float("-inf")  # (R, V)
     entropy = _entropy_torch(logits, candidates)
     count = candidates.sum(dim=-1)  # (R,)
-    method = method.long()
     temp = torch.where(method == TempMethod.EDT, _edt_torch(t0, param_a, param_b, entropy), t0)
     dyn = _dynatemp_torch(t0, param_a, param_b, entropy, count)
     temp = torch.where(method == TempMethod.DYNATEMP, dyn, temp)

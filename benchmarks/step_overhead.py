@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""Per-step cost of steering and adaptive temperature inside the engine, without HTTP noise.
+
+    .venv/bin/python benchmarks/step_overhead.py [--threads 2]
+
+On the embedded SmolLM2: a decode step over 32 lanes with no steering, then with every lane
+steered by its own vector on layers 8-15 (and with head offsets on 3 heads); and the sampler
+over 8 rows at a fixed temperature, then under EDT, dynatemp and a learned head, beside the
+8-lane decode step it follows. Medians of repeated runs; the machine is shared, so the
+end-to-end benchmarks (steering_bench.py, temperature_bench.py) carry more noise than these.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from decoding.adaptive_temperature import AdaptiveTemperature  # noqa: E402
+from decoding.model_loader import load_model  # noqa: E402
+from decoding.model_runner import ModelRunner  # noqa: E402
+from decoding.sampler import RowState, sample  # noqa: E402
+from decoding.sampling_params import SamplingParams  # noqa: E402
+from decoding.steering_hooks import install_steering_hooks  # noqa: E402
+from decoding.steering_plan import decode_plan  # noqa: E402
+from decoding.steering_spec import ApplyTo, SteerEdit, SteeringSpec, SteerTarget  # noqa: E402
+from decoding.temperature_head import load_temperature_head  # noqa: E402
+from kernels.steering import SteerMode  # noqa: E402
+
+
+def medians_ms(cases: dict, repeats: int) -> dict[str, float]:
+    """Cases interleaved round by round, so drifting machine load hits each alike."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for round_index in range(repeats + 1):
+        for name, work in cases.items():
+            start = time.perf_counter()
+            work()
+            if round_index:  # the first round warms up
+                times[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def steering_specs(rows: int, hidden: int, heads: bool) -> list[SteeringSpec]:
+    specs = []
+    for i in range(rows):
+        generator = torch.Generator().manual_seed(i)
+        edits = [SteerEdit(layer, SteerTarget.RESIDUAL, torch.randn(hidden, generator=generator)
+                           * 0.05, 1.0, SteerMode.ADD, False, ApplyTo.BOTH)
+                 for layer in range(8, 16)]
+        if heads:
+            offsets = torch.zeros(9, 64)
+            offsets[[1, 7]] = 0.01
+            edits += [SteerEdit(4, SteerTarget.HEADS, offsets, 1.0, SteerMode.ADD, False,
+                                ApplyTo.BOTH)]
+        specs.append(SteeringSpec(tuple(edits)))
+    return specs
+
+
+def steering_costs(runner: ModelRunner, hidden: int, repeats: int) -> dict[str, float]:
+    rows = 32
+    runner.prefill(0, [[1, 2, 3, 4, 5, 6, 7, 8]] * rows, [False] * rows)
+    plans = {"unsteered": None,
+             "32 vectors x 8 layers": decode_plan(steering_specs(rows, hidden, False),
+                                                  runner.device),
+             "+ head offsets": decode_plan(steering_specs(rows, hidden, True), runner.device)}
+    return medians_ms({name: (lambda p=plan: runner.decode(0, [5] * rows, [8] * rows, None, p))
+                       for name, plan in plans.items()}, repeats)
+
+
+def temperature_costs(runner: ModelRunner, repeats: int) -> dict[str, float]:
+    rows = 8
+    runner.prefill(0, [[1, 2, 3, 4, 5, 6, 7, 8]] * rows, [False] * rows)
+    out = runner.decode(0, [5] * rows, [8] * rows)
+    head = load_temperature_head(REPO / "examples/heads/smollm2-temperature.safetensors", 576)
+    rules = {"fixed 0.8": None, "edt": AdaptiveTemperature("edt", t0=0.8),
+             "dynatemp": AdaptiveTemperature("dynatemp", t0=0.8, range=0.5),
+             "learned head": AdaptiveTemperature("learned", head=head)}
+    cases = {"decode step (8 lanes)": lambda: runner.decode(0, [5] * rows, [8] * rows)}
+    for name, rule in rules.items():
+        def step(rule=rule):
+            given = [None] * rows
+            if rule is not None and rule.method == "learned":  # one batch, as the engine does
+                given = rule.head.choose(out.hidden, True)[1].tolist()
+            states = [RowState(SamplingParams(temperature=0.8, top_p=0.95, adaptive=rule),
+                               [], [], None, given[i]) for i in range(rows)]
+            sample(out.logits.clone(), states)
+
+        cases[f"sampler: {name}"] = step
+    return medians_ms(cases, repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--repeats", type=int, default=30, help="timed runs per case")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    loaded = load_model("SmolLM2-135M-Instruct", dtype="float32", max_model_len=512)
+    install_steering_hooks(loaded.model)
+    runner = ModelRunner(loaded, 32)
+    with torch.inference_mode():
+        steering = steering_costs(runner, loaded.model.config.hidden_size, args.repeats)
+        temperature = temperature_costs(runner, args.repeats)
+    print("| decode step, 32 lanes | ms | vs unsteered |\n|---|---|---|")
+    for name, ms in steering.items():
+        print(f"| {name} | {ms:.1f} | {ms / steering['unsteered']:.3f}x |")
+    step = temperature.pop("decode step (8 lanes)")
+    fixed = temperature["sampler: fixed 0.8"]
+    print(f"\n| 8 rows (decode step {step:.1f} ms) | sampler ms | step + sampler vs fixed |")
+    print("|---|---|---|")
+    for name, ms in temperature.items():
+        print(f"| {name} | {ms:.2f} | {(step + ms) / (step + fixed):.3f}x |")
+
+
+if __name__ == "__main__":
+    main()
