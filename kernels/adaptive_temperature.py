@@ -28,11 +28,11 @@ imported lazily (in `kernels.adaptive_temperature_kernel`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from enum import IntEnum
 
 import torch
 
+from .checks import check_tensor, require
 from .dispatch import KernelChoice, choose_backend, log_choice
 
 __all__ = [
@@ -63,28 +63,6 @@ _CHOICES: dict[str, KernelChoice] = {}
 # --------------------------------------------------------------------------- validation
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
-def _check_vector(
-    name: str,
-    value: torch.Tensor,  # checked at run time too: callers may pass anything
-    num_rows: int,
-    dtypes: Sequence[torch.dtype],
-    device: torch.device,
-) -> None:
-    _require(isinstance(value, torch.Tensor), f"{name} must be a torch.Tensor")
-    _require(
-        tuple(value.shape) == (num_rows,),
-        f"{name} has shape {tuple(value.shape)}, expected {(num_rows,)}",
-    )
-    _require(value.dtype in dtypes, f"{name} has dtype {value.dtype}, expected one of {dtypes}")
-    _require(value.device == device, f"{name} is on {value.device}, expected {device}")
-    _require(value.is_contiguous(), f"{name} must be contiguous")
-
-
 def _check_args(
     logits: torch.Tensor,
     method: torch.Tensor,
@@ -92,14 +70,14 @@ def _check_args(
     param_a: torch.Tensor,
     param_b: torch.Tensor,
 ) -> None:
-    _require(isinstance(logits, torch.Tensor), "logits must be a torch.Tensor")
-    _require(logits.dim() == 2, f"logits must be 2-D (num_rows, vocab), got {logits.dim()}-D")
-    _require(logits.dtype == torch.float32, f"logits has dtype {logits.dtype}, expected fp32")
-    _require(logits.is_contiguous(), "logits must be contiguous")
+    require(isinstance(logits, torch.Tensor), "logits must be a torch.Tensor")
+    require(logits.dim() == 2, f"logits must be 2-D (num_rows, vocab), got {logits.dim()}-D")
+    require(logits.dtype == torch.float32, f"logits has dtype {logits.dtype}, expected fp32")
+    require(logits.is_contiguous(), "logits must be contiguous")
     num_rows, device = logits.shape[0], logits.device
-    _check_vector("method", method, num_rows, _METHOD_DTYPES, device)
+    check_tensor("method", method, (num_rows,), _METHOD_DTYPES, device)
     for name, value in (("t0", t0), ("param_a", param_a), ("param_b", param_b)):
-        _check_vector(name, value, num_rows, (torch.float32,), device)
+        check_tensor(name, value, (num_rows,), (torch.float32,), device)
 
 
 # --------------------------------------------------------------------------- reference
@@ -202,7 +180,7 @@ def adaptive_temperature(
     param_b: torch.Tensor,
 ) -> torch.Tensor:
     """Scale every row of `logits` in place by its temperature; Triton or PyTorch by device."""
-    _require(isinstance(logits, torch.Tensor), "logits must be a torch.Tensor")
+    require(isinstance(logits, torch.Tensor), "logits must be a torch.Tensor")
     use_triton = _use_triton(logits.device)
     impl = adaptive_temperature_triton if use_triton else adaptive_temperature_torch
     return impl(logits, method, t0, param_a, param_b)

@@ -31,10 +31,9 @@ signature and contract; `combine_lanes` picks Triton or dense once per device ty
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
+from .checks import check_tensor, require
 from .dispatch import KernelChoice, choose_backend, log_choice
 
 __all__ = [
@@ -60,27 +59,6 @@ _CHOICES: dict[str, KernelChoice] = {}
 # --------------------------------------------------------------------------- validation
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
-def _check_tensor(
-    name: str,
-    value: torch.Tensor,  # checked at run time too: callers may pass anything
-    shape: tuple[int, ...],
-    dtypes: Sequence[torch.dtype],
-    device: torch.device,
-) -> None:
-    _require(isinstance(value, torch.Tensor), f"{name} must be a torch.Tensor")
-    _require(
-        tuple(value.shape) == shape, f"{name} has shape {tuple(value.shape)}, expected {shape}"
-    )
-    _require(value.dtype in dtypes, f"{name} has dtype {value.dtype}, expected one of {dtypes}")
-    _require(value.device == device, f"{name} is on {value.device}, expected {device}")
-    _require(value.is_contiguous(), f"{name} must be contiguous")
-
-
 def _check_args(
     lane_logits: torch.Tensor,
     lane_temperature: torch.Tensor,
@@ -90,21 +68,21 @@ def _check_args(
     plausible_lane: torch.Tensor,
     plausible_alpha: torch.Tensor,
 ) -> None:
-    _require(isinstance(lane_logits, torch.Tensor), "lane_logits must be a torch.Tensor")
-    _require(lane_logits.dim() == 2, f"lane_logits must be 2-D (L, V), got {lane_logits.dim()}-D")
-    _require(isinstance(lane_index, torch.Tensor), "lane_index must be a torch.Tensor")
-    _require(lane_index.dim() == 2, f"lane_index must be 2-D (R, M), got {lane_index.dim()}-D")
+    require(isinstance(lane_logits, torch.Tensor), "lane_logits must be a torch.Tensor")
+    require(lane_logits.dim() == 2, f"lane_logits must be 2-D (L, V), got {lane_logits.dim()}-D")
+    require(isinstance(lane_index, torch.Tensor), "lane_index must be a torch.Tensor")
+    require(lane_index.dim() == 2, f"lane_index must be 2-D (R, M), got {lane_index.dim()}-D")
     num_lanes, device = lane_logits.shape[0], lane_logits.device
     num_rows, slots = lane_index.shape
-    _require(slots <= MAX_SLOTS, f"lane_index has {slots} slots per row, at most {MAX_SLOTS}")
+    require(slots <= MAX_SLOTS, f"lane_index has {slots} slots per row, at most {MAX_SLOTS}")
     f32, i32 = (torch.float32,), (torch.int32,)
-    _check_tensor("lane_logits", lane_logits, tuple(lane_logits.shape), f32, device)
-    _check_tensor("lane_temperature", lane_temperature, (num_lanes,), f32, device)
-    _check_tensor("lane_index", lane_index, (num_rows, slots), i32, device)
-    _check_tensor("weight", weight, (num_rows, slots), f32, device)
-    _check_tensor("log_softmax", log_softmax, (num_rows,), (torch.bool,), device)
-    _check_tensor("plausible_lane", plausible_lane, (num_rows,), i32, device)
-    _check_tensor("plausible_alpha", plausible_alpha, (num_rows,), f32, device)
+    check_tensor("lane_logits", lane_logits, tuple(lane_logits.shape), f32, device)
+    check_tensor("lane_temperature", lane_temperature, (num_lanes,), f32, device)
+    check_tensor("lane_index", lane_index, (num_rows, slots), i32, device)
+    check_tensor("weight", weight, (num_rows, slots), f32, device)
+    check_tensor("log_softmax", log_softmax, (num_rows,), (torch.bool,), device)
+    check_tensor("plausible_lane", plausible_lane, (num_rows,), i32, device)
+    check_tensor("plausible_alpha", plausible_alpha, (num_rows,), f32, device)
 
 
 # --------------------------------------------------------------------------- reference
@@ -254,7 +232,7 @@ def combine_lanes(
     plausible_alpha: torch.Tensor,
 ) -> torch.Tensor:
     """One (R, V) row per request from the lanes' logits; Triton, else dense PyTorch, by device."""
-    _require(isinstance(lane_logits, torch.Tensor), "lane_logits must be a torch.Tensor")
+    require(isinstance(lane_logits, torch.Tensor), "lane_logits must be a torch.Tensor")
     impl = combine_lanes_triton if _use_triton(lane_logits.device) else combine_lanes_dense
     return impl(lane_logits, lane_temperature, lane_index, weight, log_softmax, plausible_lane,
                 plausible_alpha)  # fmt: skip

@@ -15,11 +15,11 @@ lazily (in `kernels.steer_residual` / `kernels.steer_heads`), never at import ti
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from enum import IntEnum
 
 import torch
 
+from .checks import check_tensor, require
 from .dispatch import KernelChoice, choose_backend, log_choice
 
 __all__ = [
@@ -59,52 +59,22 @@ _CHOICES: dict[tuple[str, str], KernelChoice] = {}
 # --------------------------------------------------------------------------- validation
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
-def _check_tensor(
-    name: str,
-    value: torch.Tensor,  # checked at run time too: callers may pass anything
-    shape: Sequence[int],
-    dtypes: Sequence[torch.dtype],
-    device: torch.device,
-    contiguous: bool = True,
-) -> None:
-    """Shape, dtype, device and layout; `contiguous=False` still needs a unit last stride."""
-    _require(isinstance(value, torch.Tensor), f"{name} must be a torch.Tensor")
-    _require(
-        tuple(value.shape) == tuple(shape),
-        f"{name} has shape {tuple(value.shape)}, expected {tuple(shape)}",
-    )
-    _require(value.dtype in dtypes, f"{name} has dtype {value.dtype}, expected one of {dtypes}")
-    _require(value.device == device, f"{name} is on {value.device}, expected {device}")
-    if contiguous:
-        _require(value.is_contiguous(), f"{name} must be contiguous")
-    else:
-        _require(
-            value.shape[-1] <= 1 or value.stride(-1) == 1,
-            f"{name} must have a contiguous last dimension (stride {value.stride(-1)})",
-        )
-
-
 def _check_float_3d(name: str, value: torch.Tensor) -> tuple[int, int, int]:
-    _require(isinstance(value, torch.Tensor), f"{name} must be a torch.Tensor")
-    _require(value.dim() == 3, f"{name} must be 3-D (num_rows, seq, width), got {value.dim()}-D")
-    _require(value.dtype in _FLOAT_DTYPES, f"{name} has unsupported dtype {value.dtype}")
-    _require(
+    require(isinstance(value, torch.Tensor), f"{name} must be a torch.Tensor")
+    require(value.dim() == 3, f"{name} must be 3-D (num_rows, seq, width), got {value.dim()}-D")
+    require(value.dtype in _FLOAT_DTYPES, f"{name} has unsupported dtype {value.dtype}")
+    require(
         value.shape[-1] <= 1 or value.stride(-1) == 1,
         f"{name} must have a contiguous last dimension (stride {value.stride(-1)})",
     )
     num_rows, seq, width = value.shape
-    _require(width >= 1, f"{name} must have a non-empty last dimension")
+    require(width >= 1, f"{name} must have a non-empty last dimension")
     return num_rows, seq, width
 
 
 def _check_mask(mask: torch.Tensor | None, num_rows: int, seq: int, device: torch.device) -> None:
     if mask is not None:
-        _check_tensor("position_mask", mask, (num_rows, seq), (torch.bool,), device)
+        check_tensor("position_mask", mask, (num_rows, seq), (torch.bool,), device)
 
 
 def _check_residual(
@@ -117,23 +87,23 @@ def _check_residual(
     position_mask: torch.Tensor | None,
 ) -> None:
     num_rows, seq, hidden_size = _check_float_3d("hidden", hidden)
-    _require(hidden_size <= MAX_HIDDEN, f"hidden size {hidden_size} exceeds {MAX_HIDDEN}")
+    require(hidden_size <= MAX_HIDDEN, f"hidden size {hidden_size} exceeds {MAX_HIDDEN}")
     device = hidden.device
-    _require(isinstance(vectors, torch.Tensor) and vectors.dim() == 2, "vectors must be 2-D")
+    require(isinstance(vectors, torch.Tensor) and vectors.dim() == 2, "vectors must be 2-D")
     vector_dtypes = (hidden.dtype, torch.float32)
-    _check_tensor(
+    check_tensor(
         "vectors", vectors, (vectors.shape[0], hidden_size), vector_dtypes, device, False
     )
-    _require(
+    require(
         isinstance(vector_index, torch.Tensor) and vector_index.dim() == 2,
         "vector_index must be 2-D (num_rows, K)",
     )
     k = vector_index.shape[1]
-    _require(1 <= k <= MAX_ITEMS, f"K = {k} items per row, expected 1..{MAX_ITEMS}")
-    _check_tensor("vector_index", vector_index, (num_rows, k), _INDEX_DTYPES, device)
-    _check_tensor("scale", scale, (num_rows, k), (torch.float32,), device)
-    _check_tensor("mode", mode, (num_rows, k), _MODE_DTYPES, device)
-    _check_tensor("normalize", normalize, (num_rows,), (torch.bool,), device)
+    require(1 <= k <= MAX_ITEMS, f"K = {k} items per row, expected 1..{MAX_ITEMS}")
+    check_tensor("vector_index", vector_index, (num_rows, k), _INDEX_DTYPES, device)
+    check_tensor("scale", scale, (num_rows, k), (torch.float32,), device)
+    check_tensor("mode", mode, (num_rows, k), _MODE_DTYPES, device)
+    check_tensor("normalize", normalize, (num_rows,), (torch.bool,), device)
     _check_mask(position_mask, num_rows, seq, device)
 
 
@@ -146,20 +116,20 @@ def _check_heads(
 ) -> None:
     num_rows, seq, width = _check_float_3d("attn_out", attn_out)
     device = attn_out.device
-    _require(
+    require(
         isinstance(head_offsets, torch.Tensor) and head_offsets.dim() == 3,
         "head_offsets must be 3-D (num_offsets, num_heads, head_dim)",
     )
     num_offsets, num_heads, head_dim = head_offsets.shape
-    _require(
+    require(
         num_heads * head_dim == width,
         f"head_offsets is {num_heads} heads x {head_dim}, attn_out width is {width}",
     )
-    _check_tensor(
+    check_tensor(
         "head_offsets", head_offsets, head_offsets.shape, (attn_out.dtype, torch.float32), device
     )
-    _check_tensor("offset_index", offset_index, (num_rows,), _INDEX_DTYPES, device)
-    _check_tensor("scale", scale, (num_rows,), (torch.float32,), device)
+    check_tensor("offset_index", offset_index, (num_rows,), _INDEX_DTYPES, device)
+    check_tensor("scale", scale, (num_rows,), (torch.float32,), device)
     _check_mask(position_mask, num_rows, seq, device)
 
 
@@ -293,7 +263,7 @@ def steer_residual(
     position_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Apply every row's steering for one layer in place; Triton or PyTorch by device."""
-    _require(isinstance(hidden, torch.Tensor), "hidden must be a torch.Tensor")
+    require(isinstance(hidden, torch.Tensor), "hidden must be a torch.Tensor")
     if _use_triton("steer_residual", hidden.device):
         impl = steer_residual_triton
     else:
@@ -368,7 +338,7 @@ def steer_heads(
     position_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Add every row's head offsets for one layer in place; Triton or PyTorch by device."""
-    _require(isinstance(attn_out, torch.Tensor), "attn_out must be a torch.Tensor")
+    require(isinstance(attn_out, torch.Tensor), "attn_out must be a torch.Tensor")
     if _use_triton("steer_heads", attn_out.device):
         impl = steer_heads_triton
     else:
