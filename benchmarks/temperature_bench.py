@@ -32,10 +32,13 @@ RULES = {
 
 
 def bodies(rule: dict, max_tokens: int):
+    learned = rule.get("adaptive_temperature", {}).get("method") == "learned"
+    temperature = {} if learned else {"temperature": 0.8}  # the head picks it
+
     def body(prompt: str) -> dict:
         return {"model": MODEL, "messages": [{"role": "user", "content": prompt}],
                 "max_tokens": max_tokens, "stream": True, "ignore_eos": True, "seed": 1,
-                "temperature": 0.8, "stream_options": {"include_usage": True}, **rule}
+                "stream_options": {"include_usage": True}, **temperature, **rule}
 
     return body
 

@@ -33,6 +33,9 @@ def resolve_adaptive(req: SamplingFields,
     if rule.method == "dynatemp":
         return AdaptiveTemperature("dynatemp", t0=t0, range=_or(rule.range, 0.0),
                                    exponent=_or(rule.exponent, 1.0))
+    if req.temperature is not None:
+        raise APIError(400, "a learned head picks every temperature: 'temperature' has no "
+                       "effect with method 'learned'", "temperature")
     return _learned(rule, heads)
 
 

@@ -42,7 +42,7 @@ def build_specs(ctx: ServingContext, req: ChatCompletionRequest,
     adaptive = resolve_adaptive(req, ctx.temperature_heads)
     method = resolve_method(ctx, req, Target(served.name, served.adapter),
                             lambda model, _: chat_prompt(ctx.models[model].tokenizer, req),
-                            steering, scoring=False)
+                            steering, scoring=False, chat=True)
     return [ChoiceSpec(i, prompt, sampling_params(req, max_tokens, top, choice=i,
                                                   adaptive=adaptive), served.adapter, steering,
                        served.name, method) for i in range(req.n)]

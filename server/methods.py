@@ -48,11 +48,16 @@ def describe(decoding: DecodingRequest | None) -> dict | None:
 
 
 def resolve_method(ctx: ServingContext, req: SamplingFields, base: Target, prompt_for: PromptFor,
-                   steering: SteeringSpec | None, scoring: bool) -> DecodingMethod | None:
+                   steering: SteeringSpec | None, scoring: bool,
+                   chat: bool = False) -> DecodingMethod | None:
     rule = req.decoding
     if rule is None:
         return None
     _check_fields(rule, scoring)
+    if chat and rule.expert_chat_template is not None:
+        raise APIError(400, "in a chat request every lane already sees its model's chat "
+                       "template; expert_chat_template is for /v1/completions",
+                       f"{PARAM}.expert_chat_template")
     builder = _LaneBuilder(ctx, base, prompt_for, steering)
     name = rule.method
     if name == "proxy_tuning":

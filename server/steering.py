@@ -87,6 +87,9 @@ class _ItemResolver:
 
     def _check_target_fields(self) -> None:
         item = self.item
+        if item.mode == "ablate" and "scale" in item.model_fields_set:
+            self._fail("scale", "ablate removes the component along the vector: it takes no "
+                       "scale (clamp sets the component to `scale`)")
         if self.target == SteerTarget.RESIDUAL:
             if item.heads is not None:
                 self._fail("heads", "heads is only for target 'heads'")

@@ -102,6 +102,8 @@ BAD = [
     ({"adaptive_temperature": {"method": "learned", "head": "cool", "level": "word"}}, 400,
      "adaptive_temperature.level"),
     ({"adaptive_temperature": {"method": "mirostat"}}, 400, "adaptive_temperature.method"),
+    ({"adaptive_temperature": {"method": "learned", "head": "cool"}, "temperature": 0.5}, 400,
+     "temperature"),
     ({"adaptive_temperature": {"method": "edt"}, "dynatemp_range": 0.2}, 400, "dynatemp_range"),
     ({"dynatemp_range": -1}, 400, "dynatemp_range"),
     ({"return_temperatures": [1]}, 400, "return_temperatures"),

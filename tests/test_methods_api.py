@@ -145,6 +145,16 @@ def test_bad_decoding_is_refused(server, decoding, status, param):
     assert response.json()["error"]["param"] == param
 
 
+def test_expert_chat_template_is_for_completions(server):
+    response = httpx.post(f"{server.base_url}/v1/chat/completions", headers=server.headers(),
+                          json={"model": "tiny", "messages": [{"role": "user", "content": "Hi"}],
+                                "decoding": {"method": "proxy_tuning", "expert": "expert",
+                                             "anti_expert": "tiny",
+                                             "expert_chat_template": True}}, timeout=30)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "decoding.expert_chat_template"
+
+
 def test_scoring_refuses_unaligned_lanes(server):
     for decoding, param in (
             ({"method": "proxy_tuning", "expert": "expert", "anti_expert": "tiny",

@@ -199,6 +199,7 @@ BAD_ITEMS = [
     ([{}], 400, "steering.0.vector"),
     ([{"vector": "narrow"}], 400, "steering.0.vector"),  # extracted on a smaller model
     ([{"vector": "rp", "mode": "scale"}], 400, "steering.0.mode"),
+    ([{"vector": "rp", "mode": "ablate", "scale": 2.0}], 400, "steering.0.scale"),
     ([{"vector": "rp", "colour": 1}], 400, "steering.0.colour"),
     ([{"values": [1.0] * 64, "target": "heads", "heads": [[0, 4]]}], 400, "steering.0.heads"),
     ([{"values": [1.0] * 64, "target": "heads"}], 400, "steering.0.heads"),
