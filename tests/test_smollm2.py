@@ -42,8 +42,10 @@ QUESTIONS = ["Name three rivers in Europe.", "How do plants make food?",
 
 @pytest.fixture(scope="module")
 def server():
-    # The README's default (embedded model, automatic dtype) plus the example adapter.
-    live = LiveServer(["--lora", f"uppercase={UPPERCASE}"])
+    # The README's default (the embedded model) plus the example adapter, in float32: these
+    # tests compare greedy outputs across batch shapes, which bf16 rounding perturbs (a CPU
+    # with native bf16 makes --dtype auto pick it), and their thresholds were set in float32.
+    live = LiveServer(["--lora", f"uppercase={UPPERCASE}", "--dtype", "float32"])
     yield live
     live.stop()
 
@@ -120,18 +122,37 @@ def test_extracted_mood_vector_steers_both_ways(server, client):
     assert joyful - gloomy > 3.0
 
 
-def proxy_answers(client, alpha: float) -> list[str]:
-    decoding = {"method": "proxy_tuning", "expert": "uppercase",
-                "anti_expert": "SmolLM2-135M-Instruct", "alpha": alpha}
+def proxy_choices(client, alpha: float | None) -> list:
+    extra = {} if alpha is None else {"decoding": {
+        "method": "proxy_tuning", "expert": "uppercase", "anti_expert": "SmolLM2-135M-Instruct",
+        "alpha": alpha}}
     return [client.chat.completions.create(
-        model="SmolLM2-135M-Instruct", max_tokens=40, temperature=0,
-        messages=[{"role": "user", "content": q}], extra_body={"decoding": decoding}
-    ).choices[0].message.content for q in QUESTIONS]
+        model="SmolLM2-135M-Instruct", max_tokens=40, temperature=0, logprobs=True,
+        top_logprobs=2, messages=[{"role": "user", "content": q}], extra_body=extra
+    ).choices[0] for q in QUESTIONS]
+
+
+def proxy_answers(client, alpha: float) -> list[str]:
+    return [choice.message.content for choice in proxy_choices(client, alpha)]
+
+
+def assert_same_greedy_path(got, expected) -> None:
+    """Equal token by token, with equal logprobs; a batch of 2 lanes and a batch of 1 differ
+    in the last float bits (GEMM blocking), so the paths may part only at a near tie."""
+    for mine, theirs in zip(got.logprobs.content, expected.logprobs.content, strict=False):
+        assert mine.logprob == pytest.approx(theirs.logprob, abs=1e-3)
+        if mine.token != theirs.token:
+            first, second = theirs.top_logprobs[:2]
+            assert first.logprob - second.logprob < 1e-3, (mine.token, theirs.token)
+            return
+    assert got.message.content == expected.message.content
 
 
 def test_proxy_tuning_with_the_uppercase_adapter_as_expert(client):
-    plain = [ask(client, "SmolLM2-135M-Instruct", q) for q in QUESTIONS]
-    assert proxy_answers(client, 0.0) == plain  # alpha 0 is plain decoding, exactly
+    plain_choices = proxy_choices(client, None)
+    plain = [choice.message.content for choice in plain_choices]
+    for got, expected in zip(proxy_choices(client, 0.0), plain_choices, strict=True):
+        assert_same_greedy_path(got, expected)  # alpha 0 is plain decoding
     ratios = [sum(map(upper_ratio, proxy_answers(client, alpha))) / len(QUESTIONS)
               for alpha in (0.25, 0.5, 1.0)]
     base = sum(map(upper_ratio, plain)) / len(QUESTIONS)
