@@ -26,7 +26,7 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -P -m pytest $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/serving_bench.py $(ARGS)

@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from decoding.model_loader import load_model
-from decoding.model_runner import ModelRunner
+from steerserve.decoding.model.loader import load_model
+from steerserve.decoding.model.runner import ModelRunner
 
 
 def time_runner(runner: ModelRunner, batch: int, prompt_tokens: int, steps: int):

@@ -14,25 +14,23 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from steerserve.adapters.steering.hooks import install_steering_hooks
+from steerserve.adapters.steering.plan import decode_plan
+from steerserve.adapters.steering.spec import ApplyTo, SteerEdit, SteeringSpec, SteerTarget
+from steerserve.decoding.model.loader import load_model
+from steerserve.decoding.model.runner import ModelRunner
+from steerserve.decoding.sampling.adaptive import AdaptiveTemperature
+from steerserve.decoding.sampling.params import SamplingParams
+from steerserve.decoding.sampling.sampler import RowState, sample
+from steerserve.decoding.sampling.temperature_head import load_temperature_head
+from steerserve.kernels.steering.ops import SteerMode
 
-from decoding.adaptive_temperature import AdaptiveTemperature  # noqa: E402
-from decoding.model_loader import load_model  # noqa: E402
-from decoding.model_runner import ModelRunner  # noqa: E402
-from decoding.sampler import RowState, sample  # noqa: E402
-from decoding.sampling_params import SamplingParams  # noqa: E402
-from decoding.steering_hooks import install_steering_hooks  # noqa: E402
-from decoding.steering_plan import decode_plan  # noqa: E402
-from decoding.steering_spec import ApplyTo, SteerEdit, SteeringSpec, SteerTarget  # noqa: E402
-from decoding.temperature_head import load_temperature_head  # noqa: E402
-from kernels.steering import SteerMode  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def medians_ms(cases: dict, repeats: int) -> dict[str, float]:

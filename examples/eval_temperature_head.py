@@ -35,8 +35,8 @@ from train_temperature_head import (  # the script's folder is on sys.path when 
     task_split,
 )
 
-from decoding.model_loader import EMBEDDED_MODEL_NAME
-from decoding.temperature_head import load_temperature_head
+from steerserve.decoding.model.loader import EMBEDDED_MODEL_NAME
+from steerserve.decoding.sampling.temperature_head import load_temperature_head
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

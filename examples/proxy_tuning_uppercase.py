@@ -13,21 +13,19 @@ decoding: alpha 0 is plain decoding exactly, and the adapter's behaviour grows w
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from steerserve.adapters.lora.files import load_lora_adapter
+from steerserve.decoding.engine.core import Engine, EngineConfig
+from steerserve.decoding.methods.strategies import DecodingMethod
+from steerserve.decoding.model.hosted import LaneSpec
+from steerserve.decoding.model.loader import load_model
+from steerserve.decoding.request import GenerationRequest
+from steerserve.decoding.sampling.params import SamplingParams
 
-from adapters.lora_files import load_lora_adapter  # noqa: E402
-from decoding.engine import Engine, EngineConfig  # noqa: E402
-from decoding.lanes import LaneSpec  # noqa: E402
-from decoding.model_loader import load_model  # noqa: E402
-from decoding.sampling_params import SamplingParams  # noqa: E402
-from decoding.sequence import GenerationRequest  # noqa: E402
-from decoding.strategies import DecodingMethod  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 QUESTIONS = ["Name three rivers in Europe.", "How do plants make food?",
              "Give me a tip for a job interview.", "What is a good name for a cat?"]

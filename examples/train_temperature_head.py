@@ -50,12 +50,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
 
 # `decoding` is importable because the project is installed editable in .venv (make install).
-from decoding.lpo import choice_log_probs, lpo_loss
-from decoding.model_loader import EMBEDDED_MODEL_NAME, load_model
-from decoding.temperature_head import (
+from lpo import choice_log_probs, lpo_loss
+from transformers import DynamicCache
+
+from steerserve.decoding.model.loader import EMBEDDED_MODEL_NAME, load_model
+from steerserve.decoding.sampling.temperature_head import (
     TemperatureHead,
     TemperatureHeadConfig,
     save_temperature_head,

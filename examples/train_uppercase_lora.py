@@ -29,7 +29,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 # `decoding` is importable because the project is installed editable in .venv (make install).
-from decoding.model_loader import load_model
+from steerserve.decoding.model.loader import load_model
 
 MODEL = "SmolLM2-135M-Instruct"
 END_OF_TURN = "<|im_end|>"

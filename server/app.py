@@ -11,24 +11,29 @@ from pathlib import Path
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
-from adapters.lora_files import AdapterError
-from adapters.registry import AdapterRegistry
-from adapters.vector_store import VectorStore
-from decoding.async_engine import AsyncEngine
-from decoding.engine import Engine, EngineConfig
-from decoding.model_loader import LoadedModel
-from decoding.steering_spec import ModelShape
-from decoding.temperature_head import TemperatureHead, load_temperature_head
-from server.auth import check_api_key
-from server.chat import chat_completions
-from server.completions import completions
-from server.context import ServingContext
-from server.convert import Limits
-from server.errors import install_error_handlers
-from server.lora_routes import load_lora, register, unload_lora
-from server.metrics import Metrics
-from server.settings import ServerSettings
-from server.steering_routes import delete_vector, describe_vector, extract_vector, list_vectors
+from steerserve.adapters.lora.files import AdapterError
+from steerserve.adapters.registry import AdapterRegistry
+from steerserve.adapters.steering.spec import ModelShape
+from steerserve.adapters.steering.store import VectorStore
+from steerserve.decoding.engine.client import AsyncEngine
+from steerserve.decoding.engine.core import Engine, EngineConfig
+from steerserve.decoding.model.loader import LoadedModel
+from steerserve.decoding.sampling.temperature_head import TemperatureHead, load_temperature_head
+from steerserve.server.auth import check_api_key
+from steerserve.server.context import ServingContext
+from steerserve.server.errors import install_error_handlers
+from steerserve.server.metrics import Metrics
+from steerserve.server.routes.chat import chat_completions
+from steerserve.server.routes.completions import completions
+from steerserve.server.routes.lora import load_lora, register, unload_lora
+from steerserve.server.routes.vectors import (
+    delete_vector,
+    describe_vector,
+    extract_vector,
+    list_vectors,
+)
+from steerserve.server.settings import ServerSettings
+from steerserve.server.translate.sampling import Limits
 
 logger = logging.getLogger(__name__)
 

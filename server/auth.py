@@ -6,7 +6,7 @@ import hmac
 
 from fastapi import Request
 
-from server.errors import APIError
+from steerserve.server.errors import APIError
 
 
 def check_api_key(request: Request, expected: str | None) -> None:

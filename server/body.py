@@ -8,7 +8,7 @@ from typing import TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from server.errors import APIError, validation_error
+from steerserve.server.errors import APIError, validation_error
 
 Model = TypeVar("Model", bound=BaseModel)
 

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from server.settings import ServerSettings
+from steerserve.server.settings import ServerSettings
 
 DEFAULTS = ServerSettings()
 
@@ -126,7 +126,7 @@ def served_name(args: argparse.Namespace) -> str | None:
 def parse_named_paths(values: list[str], flag: str, root: str | None = None,
                       named: bool = True) -> tuple[tuple[str, str], ...]:
     """NAME=PATH values; with named=False a bare PATH is named after the model."""
-    from decoding.model_loader import default_model_name
+    from steerserve.decoding.model.loader import default_model_name
 
     pairs = []
     for value in values:
@@ -182,8 +182,8 @@ def serve(settings: ServerSettings) -> None:
     import torch
     import uvicorn
 
-    from decoding.model_loader import load_model
-    from server.app import build_context, create_app
+    from steerserve.decoding.model.loader import load_model
+    from steerserve.server.app import build_context, create_app
 
     if settings.threads:
         torch.set_num_threads(settings.threads)

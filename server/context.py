@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from adapters.registry import AdapterRegistry
-from adapters.vector_store import VectorStore
-from decoding.async_engine import AsyncEngine
-from decoding.lora_slots import AdapterWeights
-from decoding.model_loader import LoadedModel
-from decoding.steering_spec import ModelShape
-from decoding.temperature_head import TemperatureHead
-from server.convert import Limits
-from server.errors import APIError
-from server.metrics import Metrics
-from server.settings import ServerSettings
+from steerserve.adapters.lora.slots import AdapterWeights
+from steerserve.adapters.registry import AdapterRegistry
+from steerserve.adapters.steering.spec import ModelShape
+from steerserve.adapters.steering.store import VectorStore
+from steerserve.decoding.engine.client import AsyncEngine
+from steerserve.decoding.model.loader import LoadedModel
+from steerserve.decoding.sampling.temperature_head import TemperatureHead
+from steerserve.server.errors import APIError
+from steerserve.server.metrics import Metrics
+from steerserve.server.settings import ServerSettings
+from steerserve.server.translate.sampling import Limits
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from decoding.sequence import TokenLogprob
+from steerserve.decoding.request import TokenLogprob
 
 
 def new_id(prefix: str) -> str:

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 from support import API_KEY, LiveServer  # noqa: E402
 from tiny_models import tiny_llama, tiny_qwen2, tiny_tokenizer  # noqa: E402
 
-from decoding.model_loader import LoadedModel, from_pretrained_objects, load_model  # noqa: E402
+from steerserve.decoding.model.loader import LoadedModel, from_pretrained_objects, load_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

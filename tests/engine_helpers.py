@@ -6,9 +6,9 @@ from collections import defaultdict
 
 import torch
 
-from decoding.engine import Engine
-from decoding.sampling_params import SamplingParams
-from decoding.sequence import GenerationRequest, RequestOutput
+from steerserve.decoding.engine.core import Engine
+from steerserve.decoding.request import GenerationRequest, RequestOutput
+from steerserve.decoding.sampling.params import SamplingParams
 
 
 class Collector:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import httpx
 
-from decoding.engine import Engine, EngineConfig
-from decoding.model_loader import LoadedModel
+from steerserve.decoding.engine.core import Engine, EngineConfig
+from steerserve.decoding.model.loader import LoadedModel
 
 API_KEY = "test-key"
 
@@ -35,7 +35,7 @@ class LiveServer:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
-        command = [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port),
+        command = [sys.executable, "-m", "steerserve.server.cli", "serve", "--port", str(self.port),
                    "--log-level", "warning", *args]
         if api_key:
             command += ["--api-key", api_key]

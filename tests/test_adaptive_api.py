@@ -9,7 +9,11 @@ import pytest
 import torch
 from support import API_KEY, LiveServer
 
-from decoding.temperature_head import TemperatureHead, TemperatureHeadConfig, save_temperature_head
+from steerserve.decoding.sampling.temperature_head import (
+    TemperatureHead,
+    TemperatureHeadConfig,
+    save_temperature_head,
+)
 
 TEMPERATURES = (0.0, 0.5, 1.0)
 

@@ -8,10 +8,10 @@ import json
 import httpx
 import pytest
 
-from decoding.sampling_params import SamplingParams
-from decoding.sequence import GenerationRequest
-from server.app import build_context, create_app
-from server.settings import ServerSettings
+from steerserve.decoding.request import GenerationRequest
+from steerserve.decoding.sampling.params import SamplingParams
+from steerserve.server.app import build_context, create_app
+from steerserve.server.settings import ServerSettings
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from decoding.detokenizer import IncrementalDetokenizer
+from steerserve.decoding.engine.detokenizer import IncrementalDetokenizer
 
 
 def stream(tokenizer, ids, **kwargs) -> tuple[list[str], IncrementalDetokenizer]:

@@ -9,8 +9,8 @@ import pytest
 from engine_helpers import Collector, generate_alone, hf_greedy, run_to_completion
 from support import make_engine
 
-from decoding.sampling_params import SamplingParams
-from decoding.sequence import FinishReason
+from steerserve.decoding.request import FinishReason
+from steerserve.decoding.sampling.params import SamplingParams
 
 PROMPTS = [
     "The capital of France is",
@@ -194,7 +194,7 @@ def test_prompt_logprobs_match_a_plain_forward(llama):
 def test_context_limit_finishes_with_length(tokenizer):
     from tiny_models import tiny_llama
 
-    from decoding.model_loader import from_pretrained_objects
+    from steerserve.decoding.model.loader import from_pretrained_objects
 
     short = from_pretrained_objects(tiny_llama(len(tokenizer)), tokenizer, "short",
                                     max_model_len=16)

@@ -11,9 +11,9 @@ from peft import LoraConfig, get_peft_model
 from support import make_engine
 from tiny_models import tiny_llama
 
-from adapters.lora_files import load_lora_adapter
-from decoding.model_loader import from_pretrained_objects
-from decoding.sampling_params import SamplingParams
+from steerserve.adapters.lora.files import load_lora_adapter
+from steerserve.decoding.model.loader import from_pretrained_objects
+from steerserve.decoding.sampling.params import SamplingParams
 
 PROMPTS = ["The capital of France is", "Once upon a time there was", "One, two, three,"]
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)

@@ -16,7 +16,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from adapters.lora_files import (
+from steerserve.adapters.lora.files import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     AdapterError,

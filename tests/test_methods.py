@@ -11,12 +11,12 @@ from engine_helpers import Collector, run_to_completion
 from tiny_models import tiny_llama
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from decoding.engine import Engine, EngineConfig
-from decoding.lanes import LaneSpec
-from decoding.model_loader import from_pretrained_objects
-from decoding.sampling_params import SamplingParams
-from decoding.sequence import GenerationRequest
-from decoding.strategies import DecodingMethod, ponder_prompt, sh2_keys
+from steerserve.decoding.engine.core import Engine, EngineConfig
+from steerserve.decoding.methods.strategies import DecodingMethod, ponder_prompt, sh2_keys
+from steerserve.decoding.model.hosted import LaneSpec
+from steerserve.decoding.model.loader import from_pretrained_objects
+from steerserve.decoding.request import GenerationRequest
+from steerserve.decoding.sampling.params import SamplingParams
 
 PROMPTS = [[1, 5, 9, 13, 4, 22, 40, 41], [1, 7, 3, 60, 61], [1, 30, 31, 32, 33, 34, 35, 36, 12]]
 STEPS = 6

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from decoding.sampler import RowState, apply_penalties, sample, truncation_mask
-from decoding.sampling_params import SamplingParams
+from steerserve.decoding.sampling.params import SamplingParams
+from steerserve.decoding.sampling.sampler import RowState, apply_penalties, sample, truncation_mask
 
 
 def row(**params) -> RowState:

@@ -12,7 +12,7 @@ import pytest
 from engine_helpers import Collector, hf_greedy, run_to_completion
 from support import LiveServer, make_engine
 
-from decoding.sampling_params import SamplingParams
+from steerserve.decoding.sampling.params import SamplingParams
 
 pytestmark = pytest.mark.slow
 

@@ -12,12 +12,12 @@ from repeng import ControlModel, ControlVector
 from support import make_engine
 from tiny_models import tiny_llama
 
-from decoding.model_loader import from_pretrained_objects
-from decoding.sampling_params import SamplingParams
-from decoding.sequence import GenerationRequest
-from decoding.steering_plan import Capture, prefill_plan
-from decoding.steering_spec import ApplyTo, SteerEdit, SteeringSpec, SteerTarget
-from kernels.steering import SteerMode
+from steerserve.adapters.steering.plan import Capture, prefill_plan
+from steerserve.adapters.steering.spec import ApplyTo, SteerEdit, SteeringSpec, SteerTarget
+from steerserve.decoding.model.loader import from_pretrained_objects
+from steerserve.decoding.request import GenerationRequest
+from steerserve.decoding.sampling.params import SamplingParams
+from steerserve.kernels.steering.ops import SteerMode
 
 PROMPTS = [[1, 5, 9, 13, 4, 22], [1, 7, 3], [1, 30, 31, 32, 33, 34, 35, 36, 12], [1, 18, 2, 6]]
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)

@@ -11,8 +11,8 @@ import repeng.extract
 import torch
 from repeng.extract import DatasetEntry, read_representations
 
-from adapters.lora_files import AdapterError
-from adapters.steering_extract import METHODS, compute_direction
+from steerserve.adapters.lora.files import AdapterError
+from steerserve.adapters.steering.extract import METHODS, compute_direction
 
 PAIRS, WIDTH = 12, 48
 

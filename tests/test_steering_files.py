@@ -14,16 +14,16 @@ from repeng import ControlVector
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from adapters.lora_files import AdapterError
-from adapters.registry import NameTaken
-from adapters.steering_vectors import (
+from steerserve.adapters.lora.files import AdapterError
+from steerserve.adapters.registry import NameTaken
+from steerserve.adapters.steering.store import VectorStore
+from steerserve.adapters.steering.vectors import (
     FORMAT,
     SteeringVector,
     export_gguf,
     load_vector_file,
     save_safetensors,
 )
-from adapters.vector_store import VectorStore
 
 WIDTH = 64
 LAYERS = (1, 2, 3, 4, 5)

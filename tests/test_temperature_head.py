@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from decoding.lpo import choice_log_probs, lpo_loss
-from decoding.temperature_head import (
+from steerserve.decoding.sampling.temperature_head import (
     FORMAT,
     TemperatureHead,
     TemperatureHeadConfig,
     load_temperature_head,
     save_temperature_head,
 )
+
+# Training code (the LPO loss) lives with the training script, outside the serving packages.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from lpo import choice_log_probs, lpo_loss  # noqa: E402
 
 TEMPS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from kernels import lora
-from kernels.dispatch import triton_interpreting
+from steerserve.kernels.dispatch import triton_interpreting
+from steerserve.kernels.lora import ops as lora
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -262,7 +262,7 @@ def test_strided_output_slice(backend: str) -> None:
 
 @needs_triton
 def test_shrink_bgmv_split_k_matches_reference() -> None:
-    from kernels.lora_shrink import shrink_bgmv
+    from steerserve.kernels.lora.shrink import shrink_bgmv
 
     # K blocks are 1024 wide in the interpreter and 128..512 on GPU: 2100 features make at
     # least 3 blocks, so a 2-way split is uneven and a 5-way one is clamped.
@@ -281,7 +281,8 @@ def test_gpu_block_config(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -
     """The GPU block sizes (several row, K, output and rank blocks per program grid, and a
     split K), run where these tests run. Not bfloat16: with the interpreter's flag hidden the
     kernels would hand it a bfloat16 tl.dot, which it cannot do (triton#11584)."""
-    from kernels import lora_expand, lora_shrink
+    from steerserve.kernels.lora import expand as lora_expand
+    from steerserve.kernels.lora import shrink as lora_shrink
 
     if DEVICE == "cpu":  # pick the GPU configuration while still interpreting
         monkeypatch.setattr(lora_shrink, "triton_interpreting", lambda: False)
@@ -402,7 +403,7 @@ def test_import_and_run_without_triton() -> None:
     code = (
         "import sys; sys.modules['triton'] = None\n"  # makes `import triton` fail
         "import torch\n"
-        "from kernels import lora\n"
+        "from steerserve.kernels.lora import ops as lora\n"
         "assert not lora.use_triton('cpu')\n"
         "a, b, y = torch.ones(1, 2, 3), torch.ones(1, 4, 2), torch.zeros(2, 4)\n"
         "lora.apply_lora_bgmv(torch.ones(2, 3), a, b, torch.tensor([0, -1]), torch.ones(1), y)\n"

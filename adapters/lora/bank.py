@@ -1,0 +1,169 @@
+"""Resident LoRA adapters for one base model: stacked slot weights and per-forward routing.
+
+Every eligible nn.Linear of the decoder is wrapped once at load time (`LoraLinear`). Adapter
+weights live in numbered slots, per module: A (S, R, in), B (S, out, R), zero-padded to the
+maximum rank R, with a per-slot scaling. Before a forward the runner activates a `LoraBatch`
+saying which slot each row uses (-1: none); the wrappers add
+`scale[s] * B[s] (A[s] x)` for their rows. No base weight is ever modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from steerserve.kernels.dispatch import choose_backend, log_choice
+from steerserve.kernels.lora.ops import apply_lora_bgmv, apply_lora_sgmv, build_segments
+
+
+@dataclass(frozen=True)
+class LoraBatch:
+    """Per-forward routing: one slot per token (rows repeated over their positions)."""
+
+    token_slots: torch.Tensor  # (N,) int64, -1 = no adapter
+    used: tuple[int, ...]  # distinct slots in use, sorted
+    rank: int  # largest rank among them: the dense path skips the zero padding beyond it
+    mask: torch.Tensor  # (N, len(used) * rank): scaling where the token uses that block, else 0
+    decode: bool
+
+
+class LoraLinear(nn.Module):
+    """An nn.Linear plus the bank's LoRA slots for it."""
+
+    def __init__(self, base: nn.Linear, bank: LoraBank, key: str) -> None:
+        super().__init__()
+        self.base = base
+        self.bank = bank
+        self.key = key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        batch = self.bank.active
+        if batch is not None and self.key in self.bank.lora_a:
+            self.bank.apply(self.key, x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1]), batch)
+        return y
+
+
+class LoraBank:
+    def __init__(self, model: nn.Module, num_slots: int, max_rank: int,
+                 use_triton: bool | None = None) -> None:
+        param = next(model.parameters())
+        self.dtype, self.device = param.dtype, param.device
+        self.num_slots, self.max_rank = num_slots, max_rank
+        self.linears = _eligible_linears(model)
+        self.lora_a: dict[str, torch.Tensor] = {}  # key -> (S, R, in)
+        self.lora_b: dict[str, torch.Tensor] = {}  # key -> (S, out, R)
+        self.scaling = torch.zeros(num_slots, dtype=torch.float32, device=self.device)
+        self.slot_rank = [0] * num_slots
+        self.active: LoraBatch | None = None
+        self._dense_cache: dict[tuple[str, tuple[int, ...]], tuple] = {}
+        if use_triton is None:
+            choice = choose_backend(self.device)
+            log_choice("lora", choice)
+            use_triton = choice.use_triton
+        self.use_triton = use_triton
+        _install(model, self)
+
+    # ---- slot weights --------------------------------------------------------------------
+    def write_slot(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                   scaling: float) -> None:
+        """Load an adapter into a slot (other modules of that slot are zeroed)."""
+        for key in weights:
+            if key not in self.linears:
+                raise ValueError(f"module '{key}' is not a LoRA-eligible linear layer")
+            self._allocate(key)
+        for key in self.lora_a:
+            self.lora_a[key][slot].zero_()
+            self.lora_b[key][slot].zero_()
+        for key, (a, b) in weights.items():
+            rank = a.shape[0]
+            self.lora_a[key][slot, :rank] = a.to(self.dtype)
+            self.lora_b[key][slot, :, :rank] = b.to(self.dtype)
+        self.scaling[slot] = scaling
+        self.slot_rank[slot] = max((a.shape[0] for a, _ in weights.values()), default=0)
+        self._dense_cache.clear()
+
+    def _allocate(self, key: str) -> None:
+        if key in self.lora_a:
+            return
+        linear = self.linears[key]
+        shape_a = (self.num_slots, self.max_rank, linear.in_features)
+        shape_b = (self.num_slots, linear.out_features, self.max_rank)
+        self.lora_a[key] = torch.zeros(shape_a, dtype=self.dtype, device=self.device)
+        self.lora_b[key] = torch.zeros(shape_b, dtype=self.dtype, device=self.device)
+
+    # ---- per forward ---------------------------------------------------------------------
+    @contextmanager
+    def activate(self, row_slots: list[int], tokens_per_row: int) -> Iterator[None]:
+        if all(s < 0 for s in row_slots):
+            yield
+            return
+        self.active = self._batch(row_slots, tokens_per_row)
+        try:
+            yield
+        finally:
+            self.active = None
+
+    def _batch(self, row_slots: list[int], tokens_per_row: int) -> LoraBatch:
+        rows = torch.tensor(row_slots, dtype=torch.long, device=self.device)
+        token_slots = rows.repeat_interleave(tokens_per_row)  # (N,)
+        used = tuple(sorted({s for s in row_slots if s >= 0}))
+        block = (token_slots.unsqueeze(1) == torch.tensor(used, device=self.device))  # (N, U)
+        scale = self.scaling[list(used)].to(self.dtype)  # (U,)
+        rank = max(self.slot_rank[s] for s in used)
+        mask = (block.to(self.dtype) * scale).repeat_interleave(rank, dim=1)  # (N, U * rank)
+        return LoraBatch(token_slots, used, rank, mask, tokens_per_row == 1)
+
+    def apply(self, key: str, x: torch.Tensor, y: torch.Tensor, batch: LoraBatch) -> None:
+        """y += scale * B (A x) per token; x: (N, in), y: (N, out) a view into the output."""
+        if self.use_triton:
+            self._apply_kernels(key, x, y, batch)
+            return
+        # CPU: one dense matmul over all slots in use beats one small matmul per slot, whose
+        # cost is dominated by per-op overhead at these sizes.
+        a_used, b_used = self._dense(key, batch.used, batch.rank)  # (U*r, in), (U*r, out)
+        y += ((x @ a_used.T) * batch.mask) @ b_used
+
+    def _apply_kernels(self, key: str, x: torch.Tensor, y: torch.Tensor,
+                       batch: LoraBatch) -> None:
+        a, b = self.lora_a[key], self.lora_b[key]
+        if batch.decode:
+            apply_lora_bgmv(x, a, b, batch.token_slots, self.scaling, y)
+        else:
+            segments = build_segments(batch.token_slots)
+            apply_lora_sgmv(x, a, b, segments.starts, segments.adapter, self.scaling, y,
+                            segments.max_len)
+
+    def _dense(self, key: str, used: tuple[int, ...],
+               rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = self._dense_cache.get((key, used))
+        if cached is None:
+            if len(self._dense_cache) > 4 * len(self.lora_a):
+                self._dense_cache.clear()  # keep only recent slot sets
+            slots = list(used)
+            a = self.lora_a[key][slots, :rank].reshape(-1, self.lora_a[key].shape[-1])
+            b = self.lora_b[key][slots, :, :rank].transpose(1, 2)
+            cached = (a.contiguous(), b.reshape(-1, self.lora_b[key].shape[1]).contiguous())
+            self._dense_cache[(key, used)] = cached
+        return cached
+
+
+def _eligible_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear inside the decoder blocks (attention and MLP projections)."""
+    decoder = getattr(model, model.base_model_prefix)
+    prefix = model.base_model_prefix
+    return {f"{prefix}.{name}": module for name, module in decoder.named_modules()
+            if isinstance(module, nn.Linear) and name.startswith("layers.")}
+
+
+def _install(model: nn.Module, bank: LoraBank) -> None:
+    if any(isinstance(m, LoraLinear) for m in model.modules()):
+        raise ValueError("this model already has a LoRA bank installed")
+    for key, linear in bank.linears.items():
+        parent_name, _, child = key.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LoraLinear(linear, bank, key))

@@ -1,0 +1,77 @@
+"""Hook points for activation steering, installed once when the engine takes the model.
+
+Nothing is stored on the model between forwards: the step's SteeringPlan travels as the
+`steering` keyword of the decoder forward, which transformers hands to every decoder layer
+and on to its attention function. Two hook points read it:
+
+* a forward hook on each decoder block edits the block's output (the residual stream);
+* an attention function registered with transformers wraps the model's own one (sdpa) and
+  edits the heads' outputs before the output projection (ITI / LoFiT offsets).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from steerserve.adapters.steering.plan import SteeringPlan
+from steerserve.adapters.steering.spec import SteerTarget
+from steerserve.kernels.steering.ops import steer_heads, steer_residual
+
+PLAN_KEYWORD = "steering"
+
+
+def _steer_block(module: torch.nn.Module, args, kwargs, output):
+    plan: SteeringPlan | None = kwargs.get(PLAN_KEYWORD)
+    if not plan:
+        return None
+    hidden = output[0] if isinstance(output, tuple) else output  # (B, T, C)
+    layer = module.steer_layer_index
+    for call in plan.residual.get(layer, ()):
+        steer_residual(hidden, call.vectors, call.vector_index, call.scale, call.mode,
+                       call.normalize, call.position_mask)
+    capture = plan.capture
+    if capture is not None and capture.target == SteerTarget.RESIDUAL:
+        capture.read(layer, hidden)
+    return None  # edited in place
+
+
+def _steered_attention(inner):
+    """Wrap an attention function: heads' outputs (B, T, NH, D) get the plan's offsets."""
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        plan: SteeringPlan | None = kwargs.pop(PLAN_KEYWORD, None)
+        out, weights = inner(module, query, key, value, attention_mask, **kwargs)
+        if plan:
+            _steer_heads_output(plan, module.layer_idx, out)
+        return out, weights
+
+    return attention
+
+
+def _steer_heads_output(plan: SteeringPlan, layer: int, out: torch.Tensor) -> None:
+    flat = out.view(out.shape[0], out.shape[1], -1)  # (B, T, NH * D)
+    for call in plan.heads.get(layer, ()):
+        steer_heads(flat, call.head_offsets, call.offset_index, call.scale, call.position_mask)
+    capture = plan.capture
+    if capture is not None and capture.target == SteerTarget.HEADS:
+        capture.read(layer, flat)
+
+
+def install_steering_hooks(model: torch.nn.Module) -> None:
+    """Once per model: block hooks plus a steering-aware copy of its attention function."""
+    if getattr(model, "_steerserve_hooks", False):
+        return
+    decoder = getattr(model, model.base_model_prefix)
+    for index, layer in enumerate(decoder.layers):
+        layer.steer_layer_index = index
+        layer.register_forward_hook(_steer_block, with_kwargs=True)
+    current = model.config._attn_implementation
+    inner = ALL_ATTENTION_FUNCTIONS.get(current)
+    if inner is None:
+        raise ValueError(f"steering needs a registered attention implementation, not '{current}'")
+    name = f"steerserve_{current}"
+    AttentionInterface.register(name, _steered_attention(inner))
+    model.set_attn_implementation(name)
+    model._steerserve_hooks = True

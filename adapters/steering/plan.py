@@ -1,0 +1,147 @@
+"""One forward's steering: the per-layer kernel arguments for every row of the batch.
+
+Built once per forward from the rows' SteeringSpecs (None = unsteered row, index -1). A
+prefill needs up to two launches per layer: edits on every prompt position, then
+generation-only edits on each row's last prompt position (its output is the first sampled
+token). A decode step has one position per row, all of it generation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from steerserve.adapters.steering.spec import SteerEdit, SteeringSpec, SteerTarget
+
+
+@dataclass(frozen=True)
+class ResidualCall:
+    """Arguments of one `kernels.steering.steer_residual` launch."""
+
+    vectors: torch.Tensor  # (V, H) fp32
+    vector_index: torch.Tensor  # (R, K) int32, -1 = no item
+    scale: torch.Tensor  # (R, K) fp32
+    mode: torch.Tensor  # (R, K) int8
+    normalize: torch.Tensor  # (R,) bool
+    position_mask: torch.Tensor | None  # (R, S) bool
+
+
+@dataclass(frozen=True)
+class HeadCall:
+    """Arguments of one `kernels.steering.steer_heads` launch."""
+
+    head_offsets: torch.Tensor  # (O, NH, D) fp32, scales already folded in
+    offset_index: torch.Tensor  # (R,) int32, -1 = none
+    scale: torch.Tensor  # (R,) fp32
+    position_mask: torch.Tensor | None  # (R, S) bool
+
+
+@dataclass
+class Capture:
+    """Record block outputs (or heads' outputs): vector extraction, DoLa's early exits."""
+
+    layers: frozenset[int]
+    target: SteerTarget
+    positions: torch.Tensor | None  # (N,) one position per captured row; None = all
+    rows: torch.Tensor | None = None  # (N,) batch rows to capture; None = every row
+    found: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (N, W) / (N, S, W)
+
+    def read(self, layer: int, hidden: torch.Tensor) -> None:
+        """hidden (B, S, W): keep this layer's requested rows and positions, in fp32."""
+        if layer not in self.layers:
+            return
+        rows = self.rows if self.rows is not None else torch.arange(hidden.shape[0],
+                                                                   device=hidden.device)
+        picked = hidden[rows] if self.positions is None else hidden[rows, self.positions]
+        self.found[layer] = picked.float().clone()
+
+
+@dataclass
+class SteeringPlan:
+    """Passed to the decoder forward as a keyword argument; read by the hooks."""
+
+    residual: dict[int, list[ResidualCall]] = field(default_factory=dict)
+    heads: dict[int, list[HeadCall]] = field(default_factory=dict)
+    capture: Capture | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.residual or self.heads or self.capture)
+
+
+RowEdits = list[list[SteerEdit]]  # per row, the edits of one launch group
+
+
+def _residual_call(rows: RowEdits, mask: torch.Tensor | None,
+                   device: torch.device) -> ResidualCall:
+    vectors: list[torch.Tensor] = []
+    slot: dict[int, int] = {}  # id(vector) -> row in `vectors`: shared vectors sent once
+    width = max(len(edits) for edits in rows)
+    index = [[-1] * width for _ in rows]
+    scale = [[0.0] * width for _ in rows]
+    mode = [[0] * width for _ in rows]
+    for r, edits in enumerate(rows):
+        for k, edit in enumerate(edits):
+            key = id(edit.vector)
+            if key not in slot:
+                slot[key] = len(vectors)
+                vectors.append(edit.vector)
+            index[r][k], scale[r][k], mode[r][k] = slot[key], edit.scale, int(edit.mode)
+    normalize = [any(e.normalize for e in edits) for edits in rows]
+    return ResidualCall(
+        torch.stack(vectors), torch.tensor(index, dtype=torch.int32, device=device),
+        torch.tensor(scale, dtype=torch.float32, device=device),
+        torch.tensor(mode, dtype=torch.int8, device=device),
+        torch.tensor(normalize, device=device), mask)
+
+
+def _head_call(rows: RowEdits, mask: torch.Tensor | None, device: torch.device) -> HeadCall:
+    offsets, index = [], []
+    for edits in rows:
+        if not edits:
+            index.append(-1)
+            continue
+        index.append(len(offsets))  # several head edits on a layer are additive: sum them
+        offsets.append(sum(e.scale * e.vector for e in edits))
+    return HeadCall(torch.stack(offsets), torch.tensor(index, dtype=torch.int32, device=device),
+                    torch.ones(len(rows), device=device), mask)
+
+
+def _add_group(plan: SteeringPlan, rows: list[list[SteerEdit]], mask: torch.Tensor | None,
+               device: torch.device) -> None:
+    """Group one launch's edits by (target, layer) and append the calls to the plan."""
+    layers = {(e.target, e.layer) for edits in rows for e in edits}
+    for target, layer in sorted(layers):
+        per_row = [[e for e in edits if e.target == target and e.layer == layer]
+                   for edits in rows]
+        if target == SteerTarget.RESIDUAL:
+            plan.residual.setdefault(layer, []).append(_residual_call(per_row, mask, device))
+        else:
+            plan.heads.setdefault(layer, []).append(_head_call(per_row, mask, device))
+
+
+def decode_plan(specs: list[SteeringSpec | None], device: torch.device) -> SteeringPlan | None:
+    """One position per row, every edit that applies to generation."""
+    rows = [[e for e in spec.edits if e.on_generation] if spec else [] for spec in specs]
+    if not any(rows):
+        return None
+    plan = SteeringPlan()
+    _add_group(plan, rows, None, device)
+    return plan
+
+
+def prefill_plan(specs: list[SteeringSpec | None], lengths: list[int], width: int,
+                 device: torch.device) -> SteeringPlan | None:
+    """Right-padded prompts: padding is never steered."""
+    prompt_rows = [[e for e in spec.edits if e.on_prompt] if spec else [] for spec in specs]
+    last_rows = [[e for e in spec.edits if not e.on_prompt] if spec else [] for spec in specs]
+    if not any(prompt_rows) and not any(last_rows):
+        return None
+    positions = torch.arange(width, device=device)
+    length = torch.tensor(lengths, device=device).unsqueeze(1)  # (R, 1)
+    plan = SteeringPlan()
+    if any(prompt_rows):
+        _add_group(plan, prompt_rows, positions < length, device)
+    if any(last_rows):
+        _add_group(plan, last_rows, positions == length - 1, device)
+    return plan

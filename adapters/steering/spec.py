@@ -1,0 +1,79 @@
+"""A request's activation steering, resolved against the model into per-layer edits.
+
+Layer numbering: layer N is the output of decoder block N (0-based), i.e. HF
+`hidden_states[N + 1]`. This is repeng's numbering (its ControlModel wraps `layers[N]`) and
+the `direction.N` convention of control-vector GGUF files (llama.cpp applies `direction.N`
+after block N as well).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+import torch
+
+from steerserve.kernels.steering.ops import SteerMode
+
+
+class SteerTarget(StrEnum):
+    RESIDUAL = "residual"  # the block output (residual stream)
+    HEADS = "heads"  # attention heads' outputs, i.e. the input of the output projection
+
+
+class ApplyTo(StrEnum):
+    PROMPT = "prompt"  # every prompt position
+    GENERATION = "generation"  # positions whose output is sampled: last prompt one + generated
+    BOTH = "both"
+
+
+@dataclass(frozen=True, eq=False)
+class SteerEdit:
+    """One item on one layer. `vector` is (hidden,) for the residual target and
+    (num_heads, head_dim) for heads, zero on heads left alone; fp32 on the model's device."""
+
+    layer: int
+    target: SteerTarget
+    vector: torch.Tensor
+    scale: float
+    mode: SteerMode
+    normalize: bool
+    apply_to: ApplyTo
+
+    @property
+    def on_prompt(self) -> bool:
+        return self.apply_to != ApplyTo.GENERATION
+
+    @property
+    def on_generation(self) -> bool:
+        return self.apply_to != ApplyTo.PROMPT
+
+
+@dataclass(frozen=True, eq=False)
+class SteeringSpec:
+    """All of a request's edits, in request order (order matters for ablate/clamp)."""
+
+    edits: tuple[SteerEdit, ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.edits)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What steering needs to know about the model to validate and place edits."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, config) -> ModelShape:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(config.num_hidden_layers, config.hidden_size, heads, head_dim)
+
+    @property
+    def heads_width(self) -> int:
+        return self.num_heads * self.head_dim

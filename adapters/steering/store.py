@@ -1,0 +1,111 @@
+"""Named steering vectors held by the server, optionally persisted to a directory.
+
+With a directory, vectors added with persist=True are saved there as `<name>.safetensors`,
+every `*.safetensors` / `*.gguf` in it is loaded at start (name = file stem), and removing such
+a vector deletes its file. Files given on the command line (add_file) are only read: they are
+never copied into the directory nor deleted.
+
+Names become file names, so they are stricter than LoRA adapter names (which only have a 1..128
+length bound): the same length, but letters, digits, '.', '_' and '-' only, not starting with
+'.', so a name can neither leave the directory nor hide as a dotfile.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from steerserve.adapters.lora.files import AdapterError
+from steerserve.adapters.registry import AdapterRegistry
+from steerserve.adapters.steering.vectors import (
+    SUFFIXES,
+    SteeringVector,
+    load_vector_file,
+    save_safetensors,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_NAME_LENGTH = 128  # as for LoRA adapter names (server/schemas.py)
+_NAME = re.compile(rf"[A-Za-z0-9_-][A-Za-z0-9._-]{{0,{MAX_NAME_LENGTH - 1}}}")
+
+
+def check_vector_name(name: str, param: str | None = "name") -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise AdapterError(f"invalid steering vector name {name!r}: use 1 to {MAX_NAME_LENGTH} "
+                           "letters, digits, '.', '_' or '-', not starting with '.'",
+                           param=param)
+    return name
+
+
+@dataclass(frozen=True)
+class _Entry:
+    vector: SteeringVector
+    file: Path | None  # a file in the store's directory, deleted with the vector
+
+
+class VectorStore:
+    """Thread-safe: the registry reserves a name while its file is written or read."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = Path(directory) if directory is not None else None
+        self._entries: AdapterRegistry[_Entry] = AdapterRegistry()
+
+    def load_directory(self) -> list[str]:
+        """Load every vector file in the directory (created if missing); a bad file raises
+        AdapterError naming it (the operator should fix or remove it rather than start
+        without it)."""
+        if self.directory is None:
+            return []
+        self.directory.mkdir(parents=True, exist_ok=True)
+        names = []
+        for path in sorted(self.directory.iterdir()):
+            if path.suffix.lower() not in SUFFIXES or path.name.startswith("."):
+                continue
+            name = check_vector_name(path.stem, param="path")
+            self._entries.load(name, lambda p=path, n=name: _Entry(load_vector_file(n, p), p))
+            logger.info("loaded steering vector '%s' from %s", name, path)
+            names.append(name)
+        return names
+
+    def add(self, vector: SteeringVector, persist: bool) -> None:
+        """Raises NameTaken if the name is in use; with persist (and a directory) the file is
+        written first, so a failed write leaves the store unchanged."""
+        check_vector_name(vector.name)
+        self._entries.load(vector.name, lambda: self._persist(vector, persist))
+
+    def _persist(self, vector: SteeringVector, persist: bool) -> _Entry:
+        if not persist or self.directory is None:
+            return _Entry(vector, None)
+        path = self.directory / f"{vector.name}.safetensors"
+        save_safetensors(vector, path)
+        logger.info("saved steering vector '%s' to %s", vector.name, path)
+        return _Entry(vector, path)
+
+    def add_file(self, name: str, path: Path) -> SteeringVector:
+        """A vector given at start (--steering-vector NAME=PATH): read, never copied."""
+        check_vector_name(name)
+        entry = self._entries.load(name, lambda: _Entry(load_vector_file(name, path), None))
+        logger.info("loaded steering vector '%s' from %s", name, path)
+        return entry.vector
+
+    def get(self, name: str) -> SteeringVector | None:
+        entry = self._entries.get(name)
+        return entry.vector if entry is not None else None
+
+    def items(self) -> list[tuple[str, SteeringVector]]:
+        return [(name, entry.vector) for name, entry in self._entries.items()]
+
+    def remove(self, name: str) -> bool:
+        entry = self._entries.remove(name)
+        if entry is None:
+            return False
+        if entry.file is not None:
+            try:
+                entry.file.unlink(missing_ok=True)
+            except OSError as err:  # gone from memory anyway; it would come back at restart
+                logger.error("could not delete %s for steering vector '%s': %s", entry.file,
+                             name, err)
+        return True

@@ -1,0 +1,55 @@
+"""Admission: waiting requests become running sequences while the prefill budget allows.
+
+Slots belong to hosted models (decoding/lanes.py); `make` returns None when a request's
+lanes cannot all get one now (or its LoRA adapter has no slot), and admission stops there.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+from steerserve.decoding.request import GenerationRequest, Sequence
+
+
+class Scheduler:
+    def __init__(self, max_prefill_tokens: int) -> None:
+        self.max_prefill_tokens = max_prefill_tokens
+        self.waiting: deque[GenerationRequest] = deque()
+        self.running: list[Sequence] = []
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def admit(self, make: Callable[[GenerationRequest], Sequence | None]) -> list[Sequence]:
+        """Admit in arrival order while the padded prefill batch stays within budget (a
+        single long prompt is always admitted alone)."""
+        admitted: list[Sequence] = []
+        width = 0
+        while self.waiting:
+            length = len(self.waiting[0].prompt_ids)
+            new_width = max(width, length)
+            if admitted and new_width * (len(admitted) + 1) > self.max_prefill_tokens:
+                break
+            sequence = make(self.waiting[0])
+            if sequence is None:
+                break
+            self.waiting.popleft()
+            width = new_width
+            admitted.append(sequence)
+        self.running.extend(admitted)
+        return admitted
+
+    def remove_waiting(self, request_id: str) -> GenerationRequest | None:
+        for request in self.waiting:
+            if request.request_id == request_id:
+                self.waiting.remove(request)
+                return request
+        return None
+
+    def find_running(self, request_id: str) -> Sequence | None:
+        return next((s for s in self.running if s.request_id == request_id), None)
+
+    def release(self, leaving: list[Sequence]) -> None:
+        gone = {id(s) for s in leaving}
+        self.running = [s for s in self.running if id(s) not in gone]

@@ -1,0 +1,115 @@
+"""Lanes, and each hosted model's lanes in compact KV-cache slots.
+
+A lane is one token sequence decoded on one hosted model (with an optional LoRA adapter and
+steering) and its own KV-cache slot. A request owns one or more lanes; every token it samples
+is appended to all of them. A hosted model keeps its lanes in slot order (lanes[i].slot == i),
+so a decode forward reads its cache as one view; a leaving lane's slot is filled by the last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from steerserve.adapters.lora.slots import AdapterWeights, LoraSlots
+from steerserve.adapters.steering.plan import SteeringPlan, decode_plan
+from steerserve.adapters.steering.spec import SteeringSpec
+from steerserve.decoding.model.loader import LoadedModel
+from steerserve.decoding.model.runner import ModelRunner
+
+if TYPE_CHECKING:
+    from steerserve.decoding.request import Sequence
+
+
+@dataclass(frozen=True, eq=False)
+class LaneSpec:
+    """What a lane runs: a hosted model, its own prompt, adapter and steering."""
+
+    model: str
+    prompt_ids: tuple[int, ...]
+    adapter: AdapterWeights | None = None
+    steering: SteeringSpec | None = None
+    temperature: float = 1.0  # its logits are divided by this before combining
+
+    def same_as(self, other: LaneSpec) -> bool:
+        """Identical lanes give identical logits: one forward serves both (a temperature
+        only scales them in the combination)."""
+        return (self.model == other.model and self.prompt_ids == other.prompt_ids
+                and self.adapter is other.adapter and self.steering is other.steering)
+
+
+@dataclass(eq=False)
+class Lane:
+    spec: LaneSpec
+    owner: Sequence
+    slot: int = -1
+    lora_slot: int = -1
+    prefilled: bool = False
+    fed: int = 0  # the owner's output tokens already in this lane's cache
+    wants_prompt_logits: bool = False
+    capture_layers: tuple[int, ...] = ()  # DoLa: early-exit layers read at the sampled position
+    logits: torch.Tensor | None = None  # (V,) the latest next-token logits
+    hidden: torch.Tensor | None = None  # (C,) the final hidden state they come from
+    prompt_logits: torch.Tensor | None = None  # (P - 1, V) when scoring
+    early: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (C,) or (P, C)
+
+    @property
+    def prompt_ids(self) -> tuple[int, ...]:
+        return self.spec.prompt_ids
+
+    @property
+    def cached_length(self) -> int:
+        return len(self.spec.prompt_ids) + self.fed
+
+    @property
+    def next_token(self) -> int:
+        return self.owner.output_ids[self.fed]
+
+
+class HostedModel:
+    """One hosted model: its runner, LoRA slots and the lanes in its KV-cache slots."""
+
+    def __init__(self, name: str, loaded: LoadedModel, runner: ModelRunner,
+                 lora_slots: LoraSlots | None) -> None:
+        self.name = name
+        self.loaded = loaded
+        self.runner = runner
+        self.lora_slots = lora_slots
+        self.lanes: list[Lane] = []
+        self.reserved = 0  # slots promised to lanes created later in a step (SH2's ponder)
+        self._decode_plan: tuple[tuple, SteeringPlan | None] = ((), None)
+
+    @property
+    def free_slots(self) -> int:
+        return self.runner.cache.shape.num_slots - len(self.lanes) - self.reserved
+
+    def add(self, lane: Lane) -> None:
+        lane.slot = len(self.lanes)
+        self.lanes.append(lane)
+
+    def steering_for_decode(self, lanes: list[Lane]) -> SteeringPlan | None:
+        """Rebuilt only when the decoding lanes change (their order is the batch order)."""
+        specs = [lane.spec.steering for lane in lanes]
+        key = tuple(specs)  # specs compare by identity, and the key keeps them alive
+        if key != self._decode_plan[0]:
+            self._decode_plan = (key, decode_plan(specs, self.loaded.device))
+        return self._decode_plan[1]
+
+    def release(self, leaving: list[Lane]) -> None:
+        """Drop lanes, refill their slots with the last lanes (fewest copies), free LoRA."""
+        gone = {id(lane) for lane in leaving}
+        keep = len(self.lanes) - len(gone)
+        holes = sorted(lane.slot for lane in leaving if lane.slot < keep)
+        movers = [lane for lane in self.lanes[keep:] if id(lane) not in gone]
+        for hole, lane in zip(holes, movers, strict=True):
+            if lane.prefilled:
+                self.runner.move_slot(lane.slot, hole, lane.cached_length)
+            lane.slot = hole
+        self.lanes = sorted((lane for lane in self.lanes if id(lane) not in gone),
+                            key=lambda lane: lane.slot)
+        for lane in leaving:
+            if lane.lora_slot >= 0:
+                self.lora_slots.release(lane.lora_slot)
+                lane.lora_slot = -1

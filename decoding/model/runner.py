@@ -1,0 +1,136 @@
+"""Batched forwards over the slot cache: prefill for new lanes, decode for running ones.
+
+We call the transformers decoder stack ourselves (own loop, own cache, explicit per-row
+positions and a 4D boolean mask) and apply the LM head only where logits are needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from steerserve.adapters.lora.bank import LoraBank
+from steerserve.adapters.steering.hooks import PLAN_KEYWORD
+from steerserve.adapters.steering.plan import Capture, SteeringPlan
+from steerserve.decoding.model.kv_cache import SlotKVCache, cache_shape_for
+from steerserve.decoding.model.loader import LoadedModel
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    last_logits: torch.Tensor  # (B, V) float32: next-token logits after each prompt
+    prompt_logits: list[torch.Tensor | None]  # per row (len-1, V) when prompt logprobs asked
+    last_hidden: torch.Tensor  # (B, C): final (normed) hidden state at each last position
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    logits: torch.Tensor  # (B, V) float32
+    hidden: torch.Tensor  # (B, C): the final (normed) hidden state the logits come from
+
+
+def prefill_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, 1, T, T) causal mask that also hides each row's right padding."""
+    positions = torch.arange(width, device=lengths.device)
+    causal = positions.unsqueeze(1) >= positions.unsqueeze(0)  # (T, T)
+    valid = positions.unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
+    return (causal.unsqueeze(0) & valid.unsqueeze(1)).unsqueeze(1)
+
+
+def decode_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """(B, 1, 1, kv_len): row b sees keys 0..positions[b]."""
+    keys = torch.arange(kv_len, device=positions.device)
+    return (keys.unsqueeze(0) <= positions.unsqueeze(1)).unsqueeze(1).unsqueeze(1)
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, num_slots: int,
+                 lora_bank: LoraBank | None = None) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.decoder = getattr(self.model, self.model.base_model_prefix)
+        self.lm_head = self.model.get_output_embeddings()
+        self.device = loaded.device
+        self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        shape = cache_shape_for(self.model.config, num_slots, loaded.max_model_len)
+        self.cache = SlotKVCache(shape, loaded.dtype, loaded.device)
+        self.lora_bank = lora_bank
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm_head.weight.shape[0]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, C) hidden -> (N, V) float32 logits."""
+        logits = self.lm_head(hidden).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def early_exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, C) block outputs -> (N, V): the final norm and LM head on an earlier layer."""
+        return self.logits(self.decoder.norm(hidden.to(self.lm_head.weight.dtype)))
+
+    def _run(self, input_ids, position_ids, mask, window, lora_slots,
+             steering: SteeringPlan | None) -> torch.Tensor:
+        if self.lora_bank is None or lora_slots is None:
+            return self._forward(input_ids, position_ids, mask, window, steering)
+        with self.lora_bank.activate(lora_slots, input_ids.shape[1]):
+            return self._forward(input_ids, position_ids, mask, window, steering)
+
+    def _forward(self, input_ids, position_ids, mask, window,
+                 steering: SteeringPlan | None) -> torch.Tensor:
+        extra = {PLAN_KEYWORD: steering} if steering else {}  # unsteered batches: no plan
+        out = self.decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
+                           past_key_values=window, use_cache=window is not None, **extra)
+        return out.last_hidden_state  # (B, T, C)
+
+    @torch.inference_mode()
+    def decode(self, first_slot: int, tokens: list[int], positions: list[int],
+               lora_slots: list[int] | None = None,
+               steering: SteeringPlan | None = None) -> DecodeResult:
+        """One new token per row at its own position."""
+        ids = torch.tensor(tokens, device=self.device).unsqueeze(1)  # (B, 1)
+        pos = torch.tensor(positions, device=self.device)  # (B,)
+        kv_len = int(max(positions)) + 1
+        window = self.cache.for_decode(first_slot, pos, kv_len)
+        hidden = self._run(ids, pos.unsqueeze(1), decode_mask(pos, kv_len), window, lora_slots,
+                           steering)
+        return DecodeResult(self.logits(hidden[:, 0]), hidden[:, 0])
+
+    @torch.inference_mode()
+    def prefill(self, first_slot: int, prompts: list[list[int]], want_prompt_logits: list[bool],
+                lora_slots: list[int] | None = None,
+                steering: SteeringPlan | None = None) -> PrefillResult:
+        """Right-padded prompts in consecutive slots, all starting at position 0."""
+        ids, lengths, positions, mask = self._padded(prompts)
+        window = self.cache.for_prefill(first_slot, len(prompts), 0, ids.shape[1])
+        hidden = self._run(ids, positions, mask, window, lora_slots, steering)  # (B, T, C)
+        rows = torch.arange(len(prompts), device=self.device)
+        last_hidden = hidden[rows, lengths - 1]
+        last = self.logits(last_hidden)
+        prompt_logits = [
+            self.logits(hidden[row, : len(prompts[row]) - 1]) if wanted else None
+            for row, wanted in enumerate(want_prompt_logits)
+        ]
+        return PrefillResult(last, prompt_logits, last_hidden)
+
+    @torch.inference_mode()
+    def capture(self, prompts: list[list[int]], capture: Capture) -> None:
+        """Forward prompts without the cache, filling `capture.found` (vector extraction)."""
+        ids, _, positions, mask = self._padded(prompts)
+        self._forward(ids, positions, mask, None, SteeringPlan(capture=capture))
+
+    def _padded(self, prompts: list[list[int]]):
+        """Right-padded ids (B, T), lengths (B,), positions (B, T) and the 4D mask."""
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        width = int(lengths.max())
+        ids = torch.zeros(len(prompts), width, dtype=torch.long, device=self.device)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = torch.tensor(prompt, device=self.device)
+        positions = torch.arange(width, device=self.device).expand(len(prompts), width)
+        return ids, lengths, positions, prefill_mask(lengths, width)
+
+    def move_slot(self, source: int, target: int, length: int) -> None:
+        self.cache.move_slot(source, target, length)

@@ -1,0 +1,171 @@
+"""Batched sampling where every row has its own parameters.
+
+Order per row: logit bias -> penalties -> (logprobs are read here) -> temperature ->
+top-k / top-p / min-p -> draw. Logprobs therefore describe the model's (method-combined,
+penalised, biased) distribution before temperature and truncation, like OpenAI's.
+Each processor runs only when some row needs it; an all-greedy batch is one argmax.
+Adaptive temperatures (decoding/adaptive_temperature.py) go through one fused kernel; rows
+using llama.cpp's dynatemp are truncated before it, as in llama.cpp's sampler chain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from steerserve.decoding.sampling.params import SamplingParams
+from steerserve.kernels.adaptive_temperature.ops import TempMethod, adaptive_temperature
+
+
+@dataclass
+class RowState:
+    """What the sampler needs to know about one row besides its logits."""
+
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int]
+    generator: torch.Generator | None  # set for seeded rows: independent of the batch
+    given_temperature: float | None = None  # this step's choice of a learned head
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    tokens: torch.Tensor  # (B,) int64
+    logprobs: torch.Tensor | None  # (B,) chosen-token logprob, when any row asked
+    top_ids: torch.Tensor | None  # (B, K) top alternatives for the widest request in the batch
+    top_logprobs: torch.Tensor | None  # (B, K)
+    temperatures: torch.Tensor | None = None  # (B,) the temperature used (0 = greedy)
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: list[RowState]) -> None:
+    for i, row in enumerate(rows):
+        for token_id, bias in row.params.logit_bias:
+            logits[i, token_id] += bias
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[RowState]) -> None:
+    """OpenAI presence/frequency penalties on generated tokens; HF-style repetition penalty
+    over prompt and generated tokens (vLLM's semantics)."""
+    for i, row in enumerate(rows):
+        p = row.params
+        if not p.penalizes:
+            continue
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(row.prompt_ids + row.output_ids, device=logits.device).unique()
+            picked = logits[i, seen]
+            logits[i, seen] = torch.where(picked > 0, picked / p.repetition_penalty,
+                                          picked * p.repetition_penalty)
+        if row.output_ids and (p.presence_penalty or p.frequency_penalty):
+            ids, counts = torch.tensor(row.output_ids, device=logits.device).unique(
+                return_counts=True)
+            logits[i, ids] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty
+
+
+def truncation_mask(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
+    """Boolean (B, V) mask of tokens removed by each row's top-k, top-p and min-p."""
+    vocab = logits.shape[-1]
+    top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in rows],
+                         device=logits.device)
+    top_p = torch.tensor([r.params.top_p for r in rows], device=logits.device)
+    min_p = torch.tensor([r.params.min_p for r in rows], device=logits.device)
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+    probs = sorted_logits.softmax(dim=-1)
+    ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
+    removed = ranks >= top_k.unsqueeze(1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
+    removed |= (probs.cumsum(dim=-1) - probs) >= top_p.unsqueeze(1)
+    removed |= probs < min_p.unsqueeze(1) * probs[:, :1]
+    removed[:, 0] = False
+    return torch.zeros_like(removed).scatter_(1, order, removed)
+
+
+def draw(probs: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
+    """Exponential-race sampling: argmax(p / E), E ~ Exp(1), one noise row per request.
+    Seeded rows draw their noise from their own generator, so their tokens do not depend on
+    what else is in the batch."""
+    noise = torch.empty_like(probs)
+    for i, row in enumerate(rows):
+        noise[i].exponential_(generator=row.generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+def logprob_summary(logprobs: torch.Tensor, tokens: torch.Tensor, rows: list[RowState]):
+    widest = max((r.params.logprobs or 0) for r in rows)
+    chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    if widest == 0:
+        return chosen, None, None
+    top_values, top_ids = logprobs.topk(widest, dim=-1)
+    return chosen, top_ids, top_values
+
+
+def sample(logits: torch.Tensor, rows: list[RowState]) -> SampleResult:
+    """logits: (B, V) float32, modified in place."""
+    if any(r.params.logit_bias for r in rows):
+        apply_logit_bias(logits, rows)
+    if any(r.params.penalizes for r in rows):
+        apply_penalties(logits, rows)
+    wants_logprobs = any(r.params.logprobs is not None for r in rows)
+    logprobs = logits.log_softmax(dim=-1) if wants_logprobs else None
+    tokens = logits.argmax(dim=-1)
+    temperatures = torch.zeros(len(rows), device=logits.device)
+    sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if sampled:
+        tokens[sampled], temperatures[sampled] = sample_rows(logits[sampled],
+                                                             [rows[i] for i in sampled])
+    if logprobs is None:
+        return SampleResult(tokens, None, None, None, temperatures)
+    return SampleResult(tokens, *logprob_summary(logprobs, tokens, rows), temperatures)
+
+
+def sample_rows(logits: torch.Tensor, rows: list[RowState]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens and temperatures of rows that sample. logits (B, V) may be modified."""
+    if not any(r.params.adaptive for r in rows):
+        temperature = torch.tensor([r.params.temperature for r in rows], device=logits.device)
+        logits = logits / temperature.unsqueeze(1)
+        if any(r.params.truncates for r in rows):
+            logits = logits.masked_fill(truncation_mask(logits, rows), float("-inf"))
+        return draw(logits.softmax(dim=-1), rows), temperature
+    return sample_adaptive(logits, rows)
+
+
+def _kernel_args(rows: list[RowState], device: torch.device) -> list[torch.Tensor]:
+    method, t0, param_a, param_b = [], [], [], []
+    for row in rows:
+        rule = row.params.adaptive
+        if rule is None:
+            method.append(TempMethod.FIXED)
+            t0.append(row.params.temperature)
+            param_a.append(0.0)
+            param_b.append(0.0)
+            continue
+        method.append(rule.kernel_method)
+        t0.append(row.given_temperature if rule.method == "learned" else rule.t0)
+        a, b = rule.kernel_params
+        param_a.append(a)
+        param_b.append(b)
+    return [torch.tensor(method, dtype=torch.int8, device=device),
+            *(torch.tensor(v, dtype=torch.float32, device=device) for v in (t0, param_a,
+                                                                            param_b))]
+
+
+def sample_adaptive(logits: torch.Tensor,
+                    rows: list[RowState]) -> tuple[torch.Tensor, torch.Tensor]:
+    first = [i for i, r in enumerate(rows) if _truncates_first(r)]
+    if first:
+        logits[first] = logits[first].masked_fill(
+            truncation_mask(logits[first], [rows[i] for i in first]), float("-inf"))
+    greedy_tokens = logits.argmax(dim=-1)
+    temperature = adaptive_temperature(logits, *_kernel_args(rows, logits.device))
+    after = [r.params.truncates and not _truncates_first(r) for r in rows]
+    if any(after):
+        removed = truncation_mask(logits, rows)  # (B, V), in place: no row copies
+        removed &= torch.tensor(after, device=logits.device).unsqueeze(1)
+        logits.masked_fill_(removed, float("-inf"))
+    tokens = draw(logits.softmax(dim=-1), rows)
+    return torch.where(temperature > 0, tokens, greedy_tokens), temperature
+
+
+def _truncates_first(row: RowState) -> bool:
+    rule = row.params.adaptive
+    return rule is not None and rule.method == "dynatemp" and row.params.truncates

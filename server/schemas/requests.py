@@ -1,0 +1,168 @@
+"""OpenAI request bodies (pydantic). Unknown fields are refused so a misspelt extension
+option is an error, not a silently ignored setting; standard OpenAI fields that change
+nothing here (user, metadata...) are accepted."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from steerserve.decoding.sampling.params import MAX_TOP_LOGPROBS
+from steerserve.server.schemas.steering import Steering
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_STOP_LENGTH = 256
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+
+
+class AdaptiveTemperatureRequest(Strict):
+    """`adaptive_temperature`: which rule picks each token's temperature (see the README)."""
+
+    method: Literal["edt", "dynatemp", "learned"]
+    t0: NonNegative | None = Field(None, le=2.0)  # edt, dynatemp; default: temperature or 1
+    theta: Finite | None = Field(None, gt=0.0, le=100.0)  # edt
+    n: Finite | None = Field(None, gt=0.0, lt=1.0)  # edt
+    range: NonNegative | None = Field(None, le=2.0)  # dynatemp
+    exponent: NonNegative | None = Field(None, le=10.0)  # dynatemp
+    head: str | None = Field(None, min_length=1, max_length=128)  # learned
+    level: Literal["token", "sequence"] | None = None  # learned
+    choice: Literal["greedy", "sample"] | None = None  # learned
+
+
+class DecodingRequest(Strict):
+    """`decoding`: a multi-lane method (see the README); model references name a hosted
+    model or a LoRA adapter over one."""
+
+    method: Literal["proxy_tuning", "contrastive", "sh2", "dola"]
+    expert: str | None = Field(None, min_length=1, max_length=128)  # proxy_tuning
+    anti_expert: str | None = Field(None, min_length=1, max_length=128)  # proxy_tuning
+    expert_chat_template: bool | None = None  # proxy_tuning, /v1/completions
+    amateur: str | None = Field(None, min_length=1, max_length=128)  # contrastive
+    variant: Literal["li2022", "obrien2023"] | None = None  # contrastive
+    alpha: Finite | None = Field(None, ge=0.0, le=100.0)  # proxy, contrastive (0..1], sh2
+    beta: Finite | None = Field(None, ge=0.0, le=100.0)  # contrastive
+    amateur_temperature: Finite | None = Field(None, gt=0.0, le=10.0)  # contrastive
+    amateur_prefix: Literal["full", "last_token"] | None = None  # contrastive
+    key_num: Finite | None = Field(None, gt=0.0, le=100.0)  # sh2
+    mask: bool | None = None  # sh2: relative-top 0.1 on the hesitation lane
+    layers: Literal["low", "high"] | list[int] | None = None  # dola
+    relative_top: Finite | None = Field(None, gt=0.0, le=1.0)  # dola
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class SamplingFields(Strict):
+    """Fields shared by chat and text completions, with the extensions vLLM users know."""
+
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1)
+    temperature: Finite | None = Field(None, ge=0.0, le=2.0)
+    top_p: Finite | None = Field(None, gt=0.0, le=1.0)
+    presence_penalty: Finite = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: Finite = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, Finite] | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    stop: str | list[str] | None = None
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    # Extensions (vLLM / llama.cpp names).
+    top_k: int = Field(-1, ge=-1)
+    min_p: Finite = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: Finite = Field(1.0, gt=0.0, le=10.0)
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    # steerserve extensions.
+    steering: Steering | None = None
+    adaptive_temperature: AdaptiveTemperatureRequest | None = None
+    decoding: DecodingRequest | None = None
+    dynatemp_range: NonNegative | None = Field(None, le=2.0)  # llama.cpp's names
+    dynatemp_exponent: NonNegative | None = Field(None, le=10.0)
+    return_temperatures: bool = False
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got '{key}'")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must lie in [-100, 100], got {bias}")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value: str | list[str] | None) -> str | list[str] | None:
+        for stop in [value] if isinstance(value, str) else value or []:
+            if not stop:
+                raise ValueError("stop strings must not be empty")
+            if len(stop) > MAX_STOP_LENGTH:
+                raise ValueError(f"stop strings are limited to {MAX_STOP_LENGTH} characters")
+        return value
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # Accepted so a client can send them; anything but the default is refused in the route.
+    chat_template: str | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    response_format: dict | None = None
+    parallel_tool_calls: bool | None = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+
+
+class LoadLoraRequest(Strict):
+    lora_name: str = Field(min_length=1, max_length=128)
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+
+class UnloadLoraRequest(Strict):
+    lora_name: str = Field(min_length=1, max_length=128)
+    lora_int_id: int | None = None  # vLLM clients may send it; names identify adapters here

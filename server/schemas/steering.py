@@ -1,0 +1,59 @@
+"""Request bodies for activation steering: the per-request `steering` items and the vector
+extraction endpoint."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from steerserve.kernels.steering.ops import MAX_ITEMS
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+MAX_STEERING_ITEMS = MAX_ITEMS  # a row's items on one layer are one kernel launch (K <= 8)
+MAX_INLINE_LAYERS = 1024
+MAX_INLINE_WIDTH = 65536
+MAX_PAIRS = 1024
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LayerRange(_Strict):
+    """Inclusive on both ends, like llama.cpp's --control-vector-layer-range."""
+
+    start: int = Field(ge=0)
+    end: int = Field(ge=0)
+
+
+Vector = Annotated[list[Finite], Field(min_length=1, max_length=MAX_INLINE_WIDTH)]
+
+
+class SteeringItem(_Strict):
+    vector: str | None = Field(None, min_length=1, max_length=128)
+    values: Vector | Annotated[list[Vector], Field(min_length=1,
+                                                   max_length=MAX_INLINE_LAYERS)] | None = None
+    layers: list[int] | LayerRange | None = None
+    heads: list[tuple[int, int]] | None = Field(None, min_length=1, max_length=4096)
+    scale: Finite = 1.0
+    mode: Literal["add", "ablate", "clamp"] = "add"
+    normalize: bool = False
+    apply_to: Literal["prompt", "generation", "both"] = "both"
+    target: Literal["residual", "heads"] = "residual"
+
+
+Steering = Annotated[list[SteeringItem], Field(min_length=1, max_length=MAX_STEERING_ITEMS)]
+
+
+class ExtractVectorRequest(_Strict):
+    name: str = Field(min_length=1, max_length=128)
+    model: str
+    positive: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1,
+                                                                max_length=MAX_PAIRS)
+    negative: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1,
+                                                                max_length=MAX_PAIRS)
+    method: Literal["mean_diff", "pca_diff", "pca_center"] = "pca_diff"
+    layers: list[int] | LayerRange | None = None
+    target: Literal["residual", "heads"] = "residual"
+    batch_size: int = Field(8, ge=1, le=64)

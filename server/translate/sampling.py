@@ -1,0 +1,137 @@
+"""HTTP request -> engine inputs: prompts as token ids and validated SamplingParams."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from steerserve.decoding.sampling.adaptive import AdaptiveTemperature
+from steerserve.decoding.sampling.params import SamplingParams
+from steerserve.server.errors import APIError
+from steerserve.server.schemas.requests import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_model_len: int
+    vocab_size: int
+    max_n: int
+    max_stop: int
+
+
+def check_common(req: SamplingFields, limits: Limits) -> None:
+    if req.n > limits.max_n:
+        raise APIError(400, f"n must be at most {limits.max_n}", "n")
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true",
+                       "stream_options")
+    if len(req.stop_list()) > limits.max_stop:
+        raise APIError(400, f"at most {limits.max_stop} stop strings are allowed", "stop")
+    for key in req.logit_bias or {}:
+        if not 0 <= int(key) < limits.vocab_size:
+            raise APIError(400, f"logit_bias token id {key} is outside the vocabulary "
+                           f"(0..{limits.vocab_size - 1})", "logit_bias")
+    for token_id in req.stop_token_ids or []:
+        if not 0 <= token_id < limits.vocab_size:
+            raise APIError(400, f"stop token id {token_id} is outside the vocabulary",
+                           "stop_token_ids")
+
+
+def check_chat_extras(req: ChatCompletionRequest, allow_template: bool) -> None:
+    if req.chat_template is not None and not allow_template:
+        raise APIError(400, "request-supplied chat templates are disabled on this server",
+                       "chat_template")
+    if req.tools or req.tool_choice not in (None, "none"):
+        raise APIError(400, "tool calling is not supported by this server", "tools")
+    if req.response_format not in (None, {"type": "text"}):
+        raise APIError(400, "only response_format {'type': 'text'} is supported",
+                       "response_format")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
+
+
+def check_completion_extras(req: CompletionRequest) -> None:
+    if req.suffix:
+        raise APIError(400, "suffix (insertion) is not supported", "suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise APIError(400, "best_of other than n is not supported", "best_of")
+    if req.max_tokens == 0 and not req.echo:
+        raise APIError(400, "max_tokens 0 is only allowed with echo", "max_tokens")
+    if req.echo and req.stream and req.logprobs is not None:
+        raise APIError(400, "echo with logprobs is only available without streaming", "echo")
+
+
+def completion_budget(requested: int | None, prompt_len: int, limits: Limits,
+                      prompt_param: str) -> int:
+    """max_tokens, defaulting to the rest of the context; 400 when it does not fit."""
+    if prompt_len >= limits.max_model_len:
+        raise APIError(400, f"This model's maximum context length is {limits.max_model_len} "
+                       f"tokens, but the prompt has {prompt_len} tokens.", prompt_param)
+    if requested is None:
+        return limits.max_model_len - prompt_len
+    if prompt_len + requested > limits.max_model_len:
+        raise APIError(400, f"This model's maximum context length is {limits.max_model_len} "
+                       f"tokens. However, you requested {prompt_len + requested} tokens "
+                       f"({prompt_len} in the prompt, {requested} for the completion).",
+                       "max_tokens")
+    return requested
+
+
+def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
+                    prompt_logprobs: int | None = None, choice: int = 0,
+                    adaptive: AdaptiveTemperature | None = None) -> SamplingParams:
+    # n > 1 with a seed: each choice gets its own stream (seed + index), all reproducible.
+    seed = None if req.seed is None else req.seed + choice
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k,
+        min_p=req.min_p,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty,
+        logit_bias=tuple((int(k), v) for k, v in (req.logit_bias or {}).items()),
+        seed=seed,
+        stop=tuple(req.stop_list()),
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+        ignore_eos=req.ignore_eos,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        skip_special_tokens=req.skip_special_tokens,
+        adaptive=adaptive,
+        report_temperatures=req.return_temperatures,
+    )
+
+
+def chat_prompt(tokenizer, req: ChatCompletionRequest) -> list[int]:
+    """Render with the model's own template (transformers renders in a Jinja sandbox)."""
+    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                for m in req.messages]
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                        return_dict=False)
+    return list(ids)
+
+
+def completion_prompts(tokenizer, req: CompletionRequest, vocab_size: int) -> list[list[int]]:
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        prompts = [tokenizer(prompt)["input_ids"]]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [list(prompt)]
+    elif prompt and all(isinstance(p, str) for p in prompt):
+        prompts = [tokenizer(p)["input_ids"] for p in prompt]
+    else:
+        prompts = [list(p) for p in prompt]
+    if not prompts or any(not p for p in prompts):
+        raise APIError(400, "prompt must not be empty", "prompt")
+    for ids in prompts:
+        if any(not 0 <= t < vocab_size for t in ids):
+            raise APIError(400, f"prompt token ids must lie in 0..{vocab_size - 1}", "prompt")
+    return prompts
