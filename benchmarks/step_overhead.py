@@ -3,10 +3,12 @@
 
     .venv/bin/python benchmarks/step_overhead.py [--threads 2]
 
-On the embedded SmolLM2: a decode step over 32 lanes with no steering, then with every lane
-steered by its own vector on layers 8-15 (and with head offsets on 3 heads); and the sampler
-over 8 rows at a fixed temperature, then under EDT, dynatemp and a learned head, beside the
-8-lane decode step it follows. Medians of repeated runs; the machine is shared, so the
+On the embedded SmolLM2: the engine's own cost, a full `Engine.step` over 32 running lanes
+(half greedy, half top-p sampled, some seeded) against the bare decode forward it contains;
+a decode step over 32 lanes with no steering, then with every lane steered by its own vector
+on layers 8-15 (and with head offsets on 3 heads); and the sampler over 8 rows at a fixed
+temperature, then under EDT, dynatemp and a learned head, beside the 8-lane decode step it
+follows. Medians of repeated runs; the machine is shared, so the
 end-to-end benchmarks (steering_bench.py, temperature_bench.py) carry more noise than these.
 """
 
@@ -19,16 +21,23 @@ from pathlib import Path
 
 import torch
 
-from steerserve.adapters.steering.hooks import install_steering_hooks
 from steerserve.adapters.steering.plan import decode_plan
-from steerserve.adapters.steering.spec import ApplyTo, SteerEdit, SteeringSpec, SteerTarget
-from steerserve.decoding.model.loader import load_model
+from steerserve.adapters.steering.spec import (
+    ApplyTo,
+    SteerEdit,
+    SteeringSpec,
+    SteerMode,
+    SteerTarget,
+)
+from steerserve.decoding.engine.core import Engine, EngineConfig
+from steerserve.decoding.methods.plain import Plain
+from steerserve.decoding.model.loader import LoadedModel, load_model
 from steerserve.decoding.model.runner import ModelRunner
+from steerserve.decoding.request import EngineRequest, LaneSpec
 from steerserve.decoding.sampling.adaptive import AdaptiveTemperature
 from steerserve.decoding.sampling.params import SamplingParams
 from steerserve.decoding.sampling.sampler import RowState, sample
 from steerserve.decoding.sampling.temperature_head import load_temperature_head
-from steerserve.kernels.steering.ops import SteerMode
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -72,6 +81,22 @@ def steering_costs(runner: ModelRunner, hidden: int, repeats: int) -> dict[str, 
                        for name, plan in plans.items()}, repeats)
 
 
+def engine_costs(loaded: LoadedModel, repeats: int) -> dict[str, float]:
+    """Engine.step in steady decoding vs the bare forward over the same 32 lanes."""
+    rows, prompt = 32, tuple(range(10, 42))
+    engine = Engine(loaded, EngineConfig(max_num_seqs=rows))
+    for i in range(rows):
+        params = SamplingParams(max_tokens=10_000, temperature=0.0 if i % 2 else 0.8,
+                                top_p=0.95, seed=i if i % 4 == 0 else None, ignore_eos=True)
+        engine.submit(EngineRequest(str(i), prompt, params, Plain((LaneSpec(loaded.name,
+                                                                            prompt),))),
+                      lambda _: None)
+    engine.step()  # the prefill
+    runner, lanes = engine.primary.runner, engine.primary.lanes
+    return medians_ms({"engine step": engine.step, "bare decode forward": lambda: runner.decode(
+        0, [5] * rows, [lane.cached_length for lane in lanes])}, repeats)
+
+
 def temperature_costs(runner: ModelRunner, repeats: int) -> dict[str, float]:
     rows = 8
     runner.prefill(0, [[1, 2, 3, 4, 5, 6, 7, 8]] * rows, [False] * rows)
@@ -101,11 +126,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load_model("SmolLM2-135M-Instruct", dtype="float32", max_model_len=512)
-    install_steering_hooks(loaded.model)
-    runner = ModelRunner(loaded, 32)
     with torch.inference_mode():
+        engine = engine_costs(loaded, args.repeats)
+        runner = ModelRunner(loaded, 32)  # the engine installed the steering hooks
         steering = steering_costs(runner, loaded.model.config.hidden_size, args.repeats)
         temperature = temperature_costs(runner, args.repeats)
+    forward = engine["bare decode forward"]
+    print("| 32 running lanes | ms | vs the forward |\n|---|---|---|")
+    for name, ms in engine.items():
+        print(f"| {name} | {ms:.1f} | {ms / forward:.3f}x |")
+    print()
     print("| decode step, 32 lanes | ms | vs unsteered |\n|---|---|---|")
     for name, ms in steering.items():
         print(f"| {name} | {ms:.1f} | {ms / steering['unsteered']:.3f}x |")

@@ -1,4 +1,9 @@
-"""Engine-side request and lane state, and what the engine reports back per step."""
+"""The engine's one request shape, and what it reports back.
+
+The server translates an HTTP body into one frozen `EngineRequest` per choice: its prompt,
+its sampling parameters and its decoding method, which owns the request's lanes (each lane
+names its hosted model, prompt, adapter and steering). Nothing else travels to the engine.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +13,49 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-import torch
-
 from steerserve.adapters.lora.slots import AdapterWeights
 from steerserve.adapters.steering.spec import SteeringSpec
-from steerserve.decoding.engine.detokenizer import IncrementalDetokenizer
 from steerserve.decoding.sampling.params import SamplingParams
 
 if TYPE_CHECKING:
-    from steerserve.decoding.methods.strategies import DecodingMethod
-    from steerserve.decoding.model.hosted import Lane
+    from steerserve.decoding.methods.base import DecodingMethod
+
+
+@dataclass(frozen=True, eq=False)
+class LaneSpec:
+    """What a lane runs: a hosted model, its own prompt, adapter and steering."""
+
+    model: str
+    prompt_ids: tuple[int, ...]
+    adapter: AdapterWeights | None = None
+    steering: SteeringSpec | None = None
+    temperature: float = 1.0  # its logits are divided by this before combining
+
+    def same_as(self, other: LaneSpec) -> bool:
+        """Identical lanes give identical logits: one forward serves both (a temperature
+        only scales them in the combination)."""
+        return (self.model == other.model and self.prompt_ids == other.prompt_ids
+                and self.adapter is other.adapter and self.steering is other.steering)
+
+
+@dataclass(frozen=True, eq=False)
+class EngineRequest:
+    """One choice of one HTTP request, everything checked by the server."""
+
+    request_id: str
+    prompt_ids: tuple[int, ...]  # the request's own prompt (echoed, counted in usage)
+    sampling: SamplingParams
+    method: DecodingMethod  # owns the lanes; `Plain` for a single-lane request
+    arrival: float = field(default_factory=time.monotonic)
+
+    @property
+    def lanes(self) -> tuple[LaneSpec, ...]:
+        return self.method.lanes
+
+    @property
+    def model(self) -> str:
+        """The hosted model whose vocabulary and tokenizer the sampled row uses."""
+        return self.method.lanes[0].model
 
 
 class FinishReason(StrEnum):
@@ -43,6 +81,15 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True)
+class Failure:
+    """Why a request ended in error: `status` is what an HTTP client should see (500: this
+    request failed in the engine; 503: the engine itself stopped)."""
+
+    message: str
+    status: int = 500
+
+
+@dataclass(frozen=True)
 class RequestOutput:
     """One step's news for one request: new tokens, released text, and whether it ended."""
 
@@ -55,65 +102,12 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None
-    error: str | None = None
+    failure: Failure | None = None
     temperatures: tuple[float, ...] = ()  # per new token, when the request asked
+
+    @property
+    def error(self) -> str | None:
+        return self.failure.message if self.failure else None
 
 
 OutputSink = Callable[[RequestOutput], None]
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    request_id: str
-    prompt_ids: tuple[int, ...]
-    params: SamplingParams
-    sink: OutputSink
-    adapter: AdapterWeights | None = None  # LoRA adapter run over the base model
-    steering: SteeringSpec | None = None  # activation steering edits, per layer
-    arrival: float = field(default_factory=time.monotonic)
-    model: str | None = None  # hosted model; None = the engine's first model
-    method: DecodingMethod | None = None  # multi-lane decoding (its lanes include the model's)
-
-
-@dataclass(eq=False)
-class Sequence:
-    """A running request: what it generated so far and the lanes that decode it."""
-
-    request: GenerationRequest
-    detokenizer: IncrementalDetokenizer
-    generator: torch.Generator | None
-    output_ids: list[int] = field(default_factory=list)
-    lanes: list[Lane] = field(default_factory=list)  # in the method's order; may repeat one
-    lane_temperatures: list[float] = field(default_factory=list)  # per position in `lanes`
-    eos_ids: frozenset[int] = frozenset()
-    finish_reason: FinishReason | None = None
-    first_token_time: float | None = None
-    sequence_temperature: float | None = None  # a learned head's once-per-response choice
-
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
-
-    @property
-    def params(self) -> SamplingParams:
-        return self.request.params
-
-    @property
-    def prompt_ids(self) -> list[int]:
-        return list(self.request.prompt_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.request.prompt_ids) + len(self.output_ids)
-
-    @property
-    def unique_lanes(self) -> list[Lane]:
-        return list({id(lane): lane for lane in self.lanes}.values())
-
-    @property
-    def longest_lane_tokens(self) -> int:
-        return max(len(lane.prompt_ids) for lane in self.lanes) + len(self.output_ids)
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None

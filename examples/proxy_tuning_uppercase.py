@@ -19,10 +19,10 @@ import torch
 
 from steerserve.adapters.lora.files import load_lora_adapter
 from steerserve.decoding.engine.core import Engine, EngineConfig
-from steerserve.decoding.methods.strategies import DecodingMethod
-from steerserve.decoding.model.hosted import LaneSpec
+from steerserve.decoding.methods.plain import Plain
+from steerserve.decoding.methods.proxy_tuning import ProxyTuning
 from steerserve.decoding.model.loader import load_model
-from steerserve.decoding.request import GenerationRequest
+from steerserve.decoding.request import EngineRequest, LaneSpec
 from steerserve.decoding.sampling.params import SamplingParams
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,13 +40,12 @@ def answers(engine: Engine, prompts: list[tuple[int, ...]], adapter, alpha: floa
             max_tokens: int) -> list[str]:
     texts: dict[int, list[str]] = {i: [] for i in range(len(prompts))}
     for i, ids in enumerate(prompts):
-        method = None if alpha is None else DecodingMethod("proxy_tuning", (
-            LaneSpec(engine.loaded.name, ids), LaneSpec(engine.loaded.name, ids, adapter),
-            LaneSpec(engine.loaded.name, ids)), alpha=alpha)
-        engine.submit(GenerationRequest(str(i), ids, SamplingParams(max_tokens=max_tokens,
-                                                                    temperature=0.0),
-                                        lambda out, i=i: texts[i].append(out.text),
-                                        method=method))
+        base = LaneSpec(engine.primary.name, ids)
+        method = Plain((base,)) if alpha is None else ProxyTuning(
+            (base, LaneSpec(base.model, ids, adapter), LaneSpec(base.model, ids)), alpha)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        engine.submit(EngineRequest(str(i), ids, params, method),
+                      lambda out, i=i: texts[i].append(out.text))
     while engine.has_work():
         engine.step()
     return ["".join(texts[i]) for i in range(len(prompts))]
@@ -59,7 +58,7 @@ def main() -> None:
     loaded = load_model("SmolLM2-135M-Instruct", dtype="float32", max_model_len=1024)
     engine = Engine(loaded, EngineConfig(max_num_seqs=16, max_loras=1, max_lora_rank=16))
     adapter = load_lora_adapter("uppercase", REPO / "examples" / "adapters" / "uppercase",
-                                engine.runner.lora_bank.linears, 16, dtype=torch.float32)
+                                engine.primary.lora_slots.bank.linears, 16, dtype=torch.float32)
     tokenizer = loaded.tokenizer
     prompts = [tuple(tokenizer.apply_chat_template([{"role": "user", "content": q}],
                                                    add_generation_prompt=True,

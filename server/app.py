@@ -11,12 +11,11 @@ from pathlib import Path
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
-from steerserve.adapters.lora.files import AdapterError
-from steerserve.adapters.registry import AdapterRegistry
-from steerserve.adapters.steering.spec import ModelShape
+from steerserve.adapters.errors import AdapterError
 from steerserve.adapters.steering.store import VectorStore
-from steerserve.decoding.engine.client import AsyncEngine
+from steerserve.decoding.engine.client import EngineClient
 from steerserve.decoding.engine.core import Engine, EngineConfig
+from steerserve.decoding.methods.registry import MethodRegistry
 from steerserve.decoding.model.loader import LoadedModel
 from steerserve.decoding.sampling.temperature_head import TemperatureHead, load_temperature_head
 from steerserve.server.auth import check_api_key
@@ -32,29 +31,27 @@ from steerserve.server.routes.vectors import (
     extract_vector,
     list_vectors,
 )
+from steerserve.server.schemas.decoding import DecodingSchemas
 from steerserve.server.settings import ServerSettings
-from steerserve.server.translate.sampling import Limits
 
 logger = logging.getLogger(__name__)
 
 
 def build_context(settings: ServerSettings, model: LoadedModel,
-                  others: list[LoadedModel] | None = None) -> ServingContext:
+                  others: list[LoadedModel] | None = None,
+                  methods: MethodRegistry | None = None) -> ServingContext:
     others = others or []
     names = [model.name] + [m.name for m in others]
     if len(set(names)) != len(names):
         raise SystemExit(f"hosted model names must differ: {names}")
-    engine = Engine(model, EngineConfig(
+    engine = EngineClient(Engine(model, EngineConfig(
         max_num_seqs=settings.max_num_seqs, max_queue=settings.max_queue,
         max_prefill_tokens=settings.max_prefill_tokens,
         max_loras=settings.max_loras if settings.lora_enabled else 0,
-        max_lora_rank=settings.max_lora_rank), others)
-    limits = Limits(max_model_len=model.max_model_len, vocab_size=engine.runner.vocab_size,
-                    max_n=settings.max_n, max_stop=settings.max_stop)
-    ctx = ServingContext(settings, model, AsyncEngine(engine), Metrics(engine), limits,
-                         int(time.time()), AdapterRegistry(), load_vectors(settings),
-                         ModelShape.of(model.model.config), load_heads(settings, model),
-                         {m.name: m for m in [model, *others]})
+        max_lora_rank=settings.max_lora_rank), others))
+    ctx = ServingContext(settings, engine, Metrics(engine), int(time.time()),
+                         load_vectors(settings), load_heads(settings, model),
+                         DecodingSchemas(methods or MethodRegistry()))
     for name, path in settings.loras:
         register(ctx, name, Path(path).expanduser().resolve())
     check_vector_widths(ctx)
@@ -93,9 +90,9 @@ def check_vector_widths(ctx: ServingContext) -> None:
     """A vector file given at start must fit the model; directory files may belong to
     other models (they are refused per request, with a 400)."""
     given = {name for name, _ in ctx.settings.steering_vectors}
+    shape = ctx.engine.primary.shape
     for name, vector in ctx.vectors.items():
-        expected = ctx.shape.hidden_size if vector.target == "residual" else \
-            ctx.shape.heads_width
+        expected = shape.hidden_size if vector.target == "residual" else shape.heads_width
         if vector.width != expected:
             message = (f"steering vector '{name}' has width {vector.width}, the model needs "
                        f"{expected}")
@@ -108,11 +105,11 @@ def model_cards(ctx: ServingContext) -> list[dict]:
     roots = {ctx.model_name: ctx.settings.model, **dict(ctx.settings.extra_models)}
     hosted = [{"id": name, "object": "model", "created": ctx.created, "owned_by": "steerserve",
                "root": roots.get(name, name), "parent": None,
-               "max_model_len": model.max_model_len} for name, model in ctx.models.items()]
+               "max_model_len": info.max_model_len} for name, info in ctx.engine.models.items()]
     adapters = [{"id": name, "object": "model", "created": ctx.created,
                  "owned_by": "steerserve", "root": str(adapter.path),
-                 "parent": ctx.model_name, "max_model_len": ctx.model.max_model_len}
-                for name, adapter in ctx.adapters.items()]
+                 "parent": ctx.model_name, "max_model_len": ctx.engine.primary.max_model_len}
+                for name, adapter in ctx.engine.adapters.items()]
     return [*hosted, *adapters]
 
 
@@ -136,9 +133,10 @@ def create_app(ctx: ServingContext) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        alive = ctx.engine.engine.is_alive()
-        return JSONResponse({"status": "ok" if alive else "engine stopped"},
-                            status_code=200 if alive else 503)
+        if ctx.engine.is_alive():
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "engine stopped", "reason": ctx.engine.death},
+                            status_code=503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -6,9 +6,18 @@ from collections import defaultdict
 
 import torch
 
+from steerserve.adapters.steering.spec import SteeringSpec
 from steerserve.decoding.engine.core import Engine
-from steerserve.decoding.request import GenerationRequest, RequestOutput
+from steerserve.decoding.methods.plain import Plain
+from steerserve.decoding.request import EngineRequest, LaneSpec, RequestOutput
 from steerserve.decoding.sampling.params import SamplingParams
+
+
+def plain_request(engine: Engine, request_id: str, prompt: list[int], params: SamplingParams,
+                  adapter=None, steering: SteeringSpec | None = None) -> EngineRequest:
+    """One lane on the engine's first model, as the server builds a request without a method."""
+    lane = LaneSpec(engine.primary.name, tuple(prompt), adapter, steering)
+    return EngineRequest(request_id, tuple(prompt), params, Plain((lane,)))
 
 
 class Collector:
@@ -16,9 +25,13 @@ class Collector:
         self.outputs: dict[str, list[RequestOutput]] = defaultdict(list)
 
     def submit(self, engine: Engine, request_id: str, prompt: list[int],
-               params: SamplingParams, adapter=None) -> None:
-        engine.submit(GenerationRequest(request_id, tuple(prompt), params,
-                                        self.outputs[request_id].append, adapter))
+               params: SamplingParams, adapter=None, steering: SteeringSpec | None = None
+               ) -> None:
+        self.submit_request(engine, plain_request(engine, request_id, prompt, params, adapter,
+                                                  steering))
+
+    def submit_request(self, engine: Engine, request: EngineRequest) -> None:
+        engine.submit(request, self.outputs[request.request_id].append)
 
     def tokens(self, request_id: str) -> list[int]:
         return [t for o in self.outputs[request_id] for t in o.token_ids]
@@ -46,6 +59,7 @@ def generate_alone(engine: Engine, prompt: list[int], params: SamplingParams) ->
 
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy tokens from HF `generate`; pass a model the engine never touched."""
     ids = torch.tensor([prompt])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          do_sample=False, eos_token_id=None, pad_token_id=0)

@@ -8,8 +8,6 @@ import json
 import httpx
 import pytest
 
-from steerserve.decoding.request import GenerationRequest
-from steerserve.decoding.sampling.params import SamplingParams
 from steerserve.server.app import build_context, create_app
 from steerserve.server.settings import ServerSettings
 
@@ -140,16 +138,21 @@ def test_still_serving_after_bad_input(tiny_server):
 
 
 def test_full_queue_is_429(llama):
-    """The engine thread is not started, so submitted work stays queued."""
-    ctx = build_context(ServerSettings(max_queue=2, max_num_seqs=2), llama)
-    for i in range(2):
-        ctx.engine.engine.submit(GenerationRequest(f"r{i}", (1, 2), SamplingParams(),
-                                                   lambda _: None))
+    """The engine thread is not started, so the first two requests stay queued."""
+    ctx = build_context(ServerSettings(max_queue=2, max_num_seqs=2, vectors_dir=None), llama)
+    body = {"model": llama.name, "messages": MESSAGES, "max_tokens": 2}
 
     async def call() -> httpx.Response:
         transport = httpx.ASGITransport(app=create_app(ctx))
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            return await client.post(CHAT, json={"model": llama.name, "messages": MESSAGES})
+            queued = [asyncio.create_task(client.post(CHAT, json=body)) for _ in range(2)]
+            while ctx.engine.num_waiting < 2:
+                await asyncio.sleep(0.01)
+            response = await client.post(CHAT, json=body)
+            for task in queued:
+                task.cancel()
+            await asyncio.gather(*queued, return_exceptions=True)
+            return response
 
     response = asyncio.run(call())
     assert_openai_error(response, 429, None)

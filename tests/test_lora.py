@@ -44,7 +44,7 @@ def adapters(tmp_path_factory, tokenizer):
 def lora_engine(base, tokenizer, adapters, max_loras=4, lora_triton=False):
     loaded = from_pretrained_objects(copy.deepcopy(base), tokenizer, "base")
     engine = make_engine(loaded, max_loras=max_loras, max_lora_rank=8, lora_triton=lora_triton)
-    linears = engine.runner.lora_bank.linears
+    linears = engine.primary.lora_slots.bank.linears
     loras = {name: load_lora_adapter(name, path, linears, 8) for name, path, _ in adapters}
     return engine, loras
 
@@ -123,4 +123,4 @@ def test_lru_eviction_and_waiting_for_a_slot(adapters, tokenizer):
     run_to_completion(engine)
     for request_id, _, _ in plan:
         assert collector.tokens(request_id) == reference.tokens(request_id)
-    assert engine.lora_slots.resident_names() == ["a2"]
+    assert engine.primary.lora_slots.resident_names() == ["a2"]

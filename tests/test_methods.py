@@ -4,6 +4,7 @@ each model separately, step by step, without a cache, with the reference code's 
 from __future__ import annotations
 
 import copy
+import random
 
 import pytest
 import torch
@@ -12,10 +13,14 @@ from tiny_models import tiny_llama
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from steerserve.decoding.engine.core import Engine, EngineConfig
-from steerserve.decoding.methods.strategies import DecodingMethod, ponder_prompt, sh2_keys
-from steerserve.decoding.model.hosted import LaneSpec
+from steerserve.decoding.methods.base import DecodingMethod
+from steerserve.decoding.methods.contrastive import Contrastive
+from steerserve.decoding.methods.dola import DoLa
+from steerserve.decoding.methods.plain import Plain
+from steerserve.decoding.methods.proxy_tuning import ProxyTuning
+from steerserve.decoding.methods.sh2 import SH2
 from steerserve.decoding.model.loader import from_pretrained_objects
-from steerserve.decoding.request import GenerationRequest
+from steerserve.decoding.request import EngineRequest, LaneSpec
 from steerserve.decoding.sampling.params import SamplingParams
 
 PROMPTS = [[1, 5, 9, 13, 4, 22, 40, 41], [1, 7, 3, 60, 61], [1, 30, 31, 32, 33, 34, 35, 36, 12]]
@@ -76,8 +81,8 @@ def run_engine(engine, jobs: list[tuple[list[int], DecodingMethod | None]]):
     collector = Collector()
     params = SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True, logprobs=0)
     for i, (prompt, method) in enumerate(jobs):
-        engine.submit(GenerationRequest(str(i), tuple(prompt), params,
-                                        collector.outputs[str(i)].append, method=method))
+        method = method or Plain(lanes(("base", prompt)))
+        collector.submit_request(engine, EngineRequest(str(i), tuple(prompt), params, method))
     run_to_completion(engine)
     return [(collector.tokens(str(i)),
              [r.logprob for o in collector.outputs[str(i)] for r in o.logprobs])
@@ -99,8 +104,8 @@ def assert_matches(got, expected) -> None:
 def test_proxy_tuning(engine, models):
     _, ref = models
     prompt = PROMPTS[0]
-    method = DecodingMethod("proxy_tuning", lanes(("base", prompt), ("expert", prompt),
-                                                  ("small", prompt)), alpha=0.7)
+    method = ProxyTuning(lanes(("base", prompt), ("expert", prompt), ("small", prompt)),
+                         alpha=0.7)
 
     def score(out):
         ids = prompt + out
@@ -115,9 +120,8 @@ def test_proxy_tuning(engine, models):
 def test_contrastive(engine, models, variant):
     _, ref = models
     prompt = PROMPTS[1]
-    method = DecodingMethod("contrastive", lanes(("expert", prompt), ("small", prompt),
-                                                 temperature=0.5),
-                            alpha=0.1, beta=0.5, variant=variant)
+    method = Contrastive(lanes(("expert", prompt), ("small", prompt), temperature=0.5),
+                         variant=variant, alpha=0.1, beta=0.5)
 
     def score(out):
         ids = prompt + out
@@ -133,16 +137,38 @@ def test_contrastive(engine, models, variant):
     assert_matches(got, reference_loop(prompt, score))
 
 
+def reference_keys(prompt: list[int], prompt_logits: torch.Tensor, key_num: float,
+                   skip: set[int], seed: int) -> list[int]:
+    """SH2's key rule as its paper and code state it (methods.md), position by position."""
+    scored = []
+    for i in range(1, len(prompt)):
+        if prompt[i] in skip:
+            continue
+        scored.append((float(lsm(prompt_logits[i - 1])[prompt[i]]), i))
+    n = len(scored)
+    lowest = sorted(scored)[: max(int(n * 0.015 * key_num), 1)]
+    picked = random.Random(seed).sample(lowest, min(len(lowest),
+                                                    max(int(n * 0.01 * key_num), 1)))
+    return [prompt[i] for _, i in sorted(picked, key=lambda pair: pair[1])]
+
+
+def reference_ponder(tokenizer, prompt: list[int], keys: list[int]) -> list[int]:
+    """'Pondering: <keys>' on its own line before the prompt, after the BOS."""
+    line = tokenizer.encode(f"Pondering: {tokenizer.decode(keys).strip()}\n",
+                            add_special_tokens=False)
+    assert prompt[0] == tokenizer.bos_token_id
+    return prompt[:1] + line + prompt[1:]
+
+
 def test_sh2(engine, models, tokenizer):
     _, ref = models
     prompt = PROMPTS[2]
-    method = DecodingMethod("sh2", lanes(("base", prompt)), alpha=2.0, key_num=40.0, seed=5)
+    method = SH2(lanes(("base", prompt)), tokenizer, 2048, alpha=2.0, key_num=40.0, seed=5)
     with torch.inference_mode():
         prompt_logits = ref["base"](torch.tensor([prompt])).logits[0, :-1]
-    keys = sh2_keys(tuple(prompt), prompt_logits, 40.0, frozenset(tokenizer.all_special_ids), 5)
-    assert keys and keys == sh2_keys(tuple(prompt), prompt_logits, 40.0,
-                                     frozenset(tokenizer.all_special_ids), 5)  # seeded
-    ponder = list(ponder_prompt(tokenizer, tuple(prompt), keys))
+    keys = reference_keys(prompt, prompt_logits, 40.0, set(tokenizer.all_special_ids), 5)
+    assert keys
+    ponder = reference_ponder(tokenizer, prompt, keys)
 
     def score(out):
         orig = lsm(last_logits(ref["base"], prompt + out))
@@ -157,8 +183,7 @@ def test_dola(engine, models):
     _, ref = models
     prompt = PROMPTS[0]
     candidates = (0, 1, 2)
-    method = DecodingMethod("dola", lanes(("deep", prompt)), layers=candidates,
-                            relative_top=0.1)
+    method = DoLa(lanes(("deep", prompt)), layers=candidates, relative_top=0.1)
     model = ref["deep"]
 
     def score(out):
@@ -181,18 +206,15 @@ def test_dola(engine, models):
     assert_matches(got, reference_loop(prompt, score))
 
 
-def test_mixed_methods_in_one_batch_equal_each_alone(engine):
+def test_mixed_methods_in_one_batch_equal_each_alone(engine, tokenizer):
     jobs = [
-        (PROMPTS[0], DecodingMethod("proxy_tuning", lanes(("base", PROMPTS[0]),
-                                                          ("expert", PROMPTS[0]),
-                                                          ("base", PROMPTS[0])), alpha=1.5)),
+        (PROMPTS[0], ProxyTuning(lanes(("base", PROMPTS[0]), ("expert", PROMPTS[0]),
+                                       ("base", PROMPTS[0])), alpha=1.5)),
         (PROMPTS[1], None),
-        (PROMPTS[2], DecodingMethod("sh2", lanes(("base", PROMPTS[2])), alpha=1.0, seed=1)),
-        (PROMPTS[1], DecodingMethod("contrastive", lanes(("base", PROMPTS[1]),
-                                                         ("base", PROMPTS[1][-1:])),
-                                    variant="li2022")),
-        (PROMPTS[0], DecodingMethod("dola", lanes(("deep", PROMPTS[0])), layers=(0, 2),
-                                    relative_top=0.1)),
+        (PROMPTS[2], SH2(lanes(("base", PROMPTS[2])), tokenizer, 2048, alpha=1.0, seed=1)),
+        (PROMPTS[1], Contrastive(lanes(("base", PROMPTS[1]), ("base", PROMPTS[1][-1:])),
+                                 variant="li2022")),
+        (PROMPTS[0], DoLa(lanes(("deep", PROMPTS[0])), layers=(0, 2), relative_top=0.1)),
     ]
     alone = [run_engine(engine, [job])[0] for job in jobs]
     together = run_engine(engine, jobs)
@@ -205,12 +227,11 @@ def test_proxy_with_base_as_anti_expert_shares_one_lane(engine, models):
     _, ref = models
     prompt = PROMPTS[1]
     for alpha in (0.0, 1.0):
-        method = DecodingMethod("proxy_tuning", lanes(("base", prompt), ("expert", prompt),
-                                                      ("base", prompt)), alpha=alpha)
+        method = ProxyTuning(lanes(("base", prompt), ("expert", prompt), ("base", prompt)),
+                             alpha=alpha)
         collector = Collector()
-        engine.submit(GenerationRequest("p", tuple(prompt), SamplingParams(
-            max_tokens=STEPS, temperature=0.0, ignore_eos=True), collector.outputs["p"].append,
-            method=method))
+        collector.submit_request(engine, EngineRequest("p", tuple(prompt), SamplingParams(
+            max_tokens=STEPS, temperature=0.0, ignore_eos=True), method))
         engine.step()
         assert len(engine.models["base"].lanes) == 1  # base and anti-expert: one lane
         run_to_completion(engine)

@@ -13,11 +13,15 @@ from support import make_engine
 from tiny_models import tiny_llama
 
 from steerserve.adapters.steering.plan import Capture, prefill_plan
-from steerserve.adapters.steering.spec import ApplyTo, SteerEdit, SteeringSpec, SteerTarget
+from steerserve.adapters.steering.spec import (
+    ApplyTo,
+    SteerEdit,
+    SteeringSpec,
+    SteerMode,
+    SteerTarget,
+)
 from steerserve.decoding.model.loader import from_pretrained_objects
-from steerserve.decoding.request import GenerationRequest
 from steerserve.decoding.sampling.params import SamplingParams
-from steerserve.kernels.steering.ops import SteerMode
 
 PROMPTS = [[1, 5, 9, 13, 4, 22], [1, 7, 3], [1, 30, 31, 32, 33, 34, 35, 36, 12], [1, 18, 2, 6]]
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -49,8 +53,7 @@ def directions():
 
 
 def submit(engine, collector: Collector, request_id: str, prompt, spec, params=GREEDY) -> None:
-    engine.submit(GenerationRequest(request_id, tuple(prompt), params,
-                                    collector.outputs[request_id].append, None, spec))
+    collector.submit(engine, request_id, prompt, params, steering=spec)
 
 
 def generate(engine, prompt, spec, params=GREEDY) -> list[int]:
@@ -81,7 +84,7 @@ def test_prompt_logits_equal_repeng(model_pair, directions):
     control = ControlModel(copy.deepcopy(reference), [1])
     control.set_control(ControlVector("llama", {1: directions[1].numpy()}), -0.7)
     spec = SteeringSpec((residual(1, directions[1], -0.7),))
-    runner = make_engine(loaded).runner
+    runner = make_engine(loaded).primary.runner
     prompt = PROMPTS[2]
     plan = prefill_plan([spec], [len(prompt)], len(prompt), loaded.device)
     got = runner.prefill(0, [prompt], [True], None, plan)
@@ -167,7 +170,7 @@ def test_apply_to_selects_positions(model_pair, directions):
     assert outputs[ApplyTo.GENERATION] != plain
     assert outputs[ApplyTo.BOTH] != outputs[ApplyTo.PROMPT]
     # generation-only changes nothing before the last prompt position: same prompt logits
-    runner = engine.runner
+    runner = engine.primary.runner
     prompt = PROMPTS[0]
     spec = SteeringSpec((residual(0, v, apply_to=ApplyTo.GENERATION),))
     plan = prefill_plan([spec], [len(prompt)], len(prompt), loaded.device)
@@ -186,7 +189,7 @@ def test_unsteered_batch_has_no_plan_and_equals_hf(model_pair):
 
 def test_capture_reads_block_outputs(model_pair):
     loaded, reference = model_pair
-    runner = make_engine(loaded).runner
+    runner = make_engine(loaded).primary.runner
     prompts = [PROMPTS[0], PROMPTS[1]]
     capture = Capture(frozenset({0}), SteerTarget.RESIDUAL, torch.tensor([5, 2]))
     runner.capture(prompts, capture)

@@ -11,7 +11,7 @@ import repeng.extract
 import torch
 from repeng.extract import DatasetEntry, read_representations
 
-from steerserve.adapters.lora.files import AdapterError
+from steerserve.adapters.errors import AdapterError
 from steerserve.adapters.steering.extract import METHODS, compute_direction
 
 PAIRS, WIDTH = 12, 48

@@ -14,7 +14,7 @@ from repeng import ControlVector
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from steerserve.adapters.lora.files import AdapterError
+from steerserve.adapters.errors import AdapterError
 from steerserve.adapters.registry import NameTaken
 from steerserve.adapters.steering.store import VectorStore
 from steerserve.adapters.steering.vectors import (

@@ -16,8 +16,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from steerserve.kernels.dispatch import choose_backend, log_choice
-from steerserve.kernels.lora.ops import apply_lora_bgmv, apply_lora_sgmv, build_segments
+from steerserve.kernels.lora.ops import (
+    apply_lora_bgmv,
+    apply_lora_sgmv,
+    build_segments,
+)
+from steerserve.kernels.lora.ops import (
+    use_triton as kernels_use_triton,
+)
 
 
 @dataclass(frozen=True)
@@ -61,10 +67,8 @@ class LoraBank:
         self.slot_rank = [0] * num_slots
         self.active: LoraBatch | None = None
         self._dense_cache: dict[tuple[str, tuple[int, ...]], tuple] = {}
-        if use_triton is None:
-            choice = choose_backend(self.device)
-            log_choice("lora", choice)
-            use_triton = choice.use_triton
+        if use_triton is None:  # the process's one choice for this device (kernels.dispatch)
+            use_triton = kernels_use_triton(self.device)
         self.use_triton = use_triton
         _install(model, self)
 

@@ -31,6 +31,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from steerserve.adapters.errors import AdapterError
+
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
@@ -65,16 +67,6 @@ _PLAIN_NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
 _MAX_REGEX_LENGTH = 256
 _MAX_REGEX_REPEATS = 4
 _REPEATS = {sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT, sre_constants.POSSESSIVE_REPEAT}
-
-
-class AdapterError(ValueError):
-    """A refused adapter: `status` is the HTTP status (400 bad adapter, 404 not found) and
-    `param` the request field at fault."""
-
-    def __init__(self, message: str, status: int = 400, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.param = param
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from steerserve.adapters.lora.files import AdapterError
+from steerserve.adapters.errors import AdapterError
 
 METHODS = ("mean_diff", "pca_diff", "pca_center")
 _MIN_PAIRS = {"mean_diff": 1, "pca_diff": 2, "pca_center": 2}

@@ -9,11 +9,19 @@ after block N as well).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 
 import torch
 
-from steerserve.kernels.steering.ops import SteerMode
+from steerserve.kernels.steering.ops import MODE_ABLATE, MODE_ADD, MODE_CLAMP
+
+
+class SteerMode(IntEnum):
+    """How an item edits the residual stream; the values are the kernel's mode codes."""
+
+    ADD = MODE_ADD  # h + scale * v
+    ABLATE = MODE_ABLATE  # remove the component along v
+    CLAMP = MODE_CLAMP  # set the component along v to `scale`
 
 
 class SteerTarget(StrEnum):

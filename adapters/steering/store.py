@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from steerserve.adapters.lora.files import AdapterError
+from steerserve.adapters.errors import AdapterError
 from steerserve.adapters.registry import AdapterRegistry
 from steerserve.adapters.steering.vectors import (
     SUFFIXES,

@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from steerserve.adapters.lora.files import AdapterError
+from steerserve.adapters.errors import AdapterError
 
 FORMAT = "steerserve.steering_vector"
 VERSION = "1"

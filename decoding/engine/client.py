@@ -1,18 +1,29 @@
-"""Bridge from asyncio handlers to the engine thread: submit, then await outputs."""
+"""The façade: the only engine object the server touches.
+
+It hands out what may be known of the hosted models, loads and unloads LoRA adapters, runs
+model work between steps (vector extraction), reports admission numbers, and bridges
+requests to the engine thread: outputs come back as async iterators, and leaving one early
+(the client went away, the handler was cancelled) aborts its request, freeing its slots.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import TypeVar
 
-from steerserve.adapters.lora.slots import AdapterWeights
-from steerserve.adapters.steering.spec import SteeringSpec
+import torch
+
+from steerserve.adapters.lora.files import LoraAdapter, load_lora_adapter
+from steerserve.adapters.registry import AdapterRegistry
+from steerserve.adapters.steering.plan import Capture
+from steerserve.adapters.steering.spec import SteerTarget
 from steerserve.decoding.engine.core import Engine
-from steerserve.decoding.methods.strategies import DecodingMethod
-from steerserve.decoding.request import GenerationRequest, RequestOutput
-from steerserve.decoding.sampling.params import SamplingParams
+from steerserve.decoding.engine.output import EngineStats
+from steerserve.decoding.model.info import ModelInfo
+from steerserve.decoding.request import EngineRequest, RequestOutput
 
 Result = TypeVar("Result")
 
@@ -42,41 +53,108 @@ class OutputDispatcher:
             queue.put_nowait(output)
 
 
-class AsyncEngine:
-    def __init__(self, engine: Engine) -> None:
+class RequestStream:
+    """One submitted request's outputs, until it finishes; `abort` if left unfinished."""
+
+    def __init__(self, engine: Engine, request_id: str) -> None:
         self.engine = engine
-        self._dispatcher = OutputDispatcher()
+        self.request_id = request_id
+        self.outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.finished = False
 
-    def start(self) -> None:
-        self.engine.start()
-
-    def stop(self) -> None:
-        self.engine.stop()
-
-    async def call(self, work: Callable[[], Result]) -> Result:
-        """Run model work (vector extraction) on the engine thread, between steps."""
-        return await asyncio.wrap_future(self.engine.call_between_steps(work))
-
-    async def stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                     adapter: AdapterWeights | None = None,
-                     steering: SteeringSpec | None = None, model: str | None = None,
-                     method: DecodingMethod | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield the request's outputs until it finishes. Leaving early (the client went away,
-        the handler was cancelled) aborts it, which frees its KV-cache slot at once."""
-        loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
-
-        def sink(output: RequestOutput) -> None:  # called on the engine thread
-            self._dispatcher.send(loop, outputs, output)
-
-        self.engine.submit(GenerationRequest(request_id, tuple(prompt_ids), params, sink,
-                                             adapter, steering, model=model, method=method))
-        finished = False
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         try:
-            while not finished:
-                output = await outputs.get()
-                finished = output.finished
+            while not self.finished:
+                output = await self.outputs.get()
+                self.finished = output.finished
                 yield output
         finally:
-            if not finished:
-                self.engine.abort(request_id)
+            self.abort()
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.engine.abort(self.request_id)
+
+
+class EngineClient:
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._dispatcher = OutputDispatcher()
+        self.adapters: AdapterRegistry[LoraAdapter] = AdapterRegistry()
+        self.models: dict[str, ModelInfo] = {n: h.info for n, h in engine.models.items()}
+        self.primary: ModelInfo = engine.primary.info
+
+    # ---- lifetime and numbers ----------------------------------------------------------------
+    def start(self) -> None:
+        self._engine.start()
+
+    def stop(self) -> None:
+        self._engine.stop()
+
+    def is_alive(self) -> bool:
+        return self._engine.is_alive()
+
+    @property
+    def death(self) -> str | None:
+        return self._engine.death
+
+    @property
+    def num_waiting(self) -> int:
+        return self._engine.num_waiting
+
+    @property
+    def num_running(self) -> int:
+        return self._engine.num_running
+
+    @property
+    def stats(self) -> EngineStats:
+        return self._engine.stats
+
+    # ---- requests ------------------------------------------------------------------------------
+    def open(self, requests: list[EngineRequest]) -> list[RequestStream]:
+        """Queue every request or none (Inadmissible, QueueFull, EngineUnavailable)."""
+        loop = asyncio.get_running_loop()
+        streams = [RequestStream(self._engine, r.request_id) for r in requests]
+
+        def sink_for(stream: RequestStream):
+            return lambda output: self._dispatcher.send(loop, stream.outputs, output)
+
+        self._engine.submit_all([(r, sink_for(s)) for r, s in zip(requests, streams,
+                                                                 strict=True)])
+        return streams
+
+    # ---- adapters --------------------------------------------------------------------------------
+    @property
+    def lora_enabled(self) -> bool:
+        return self._engine.primary.lora_slots is not None
+
+    def load_adapter(self, name: str, path: Path, max_rank: int) -> LoraAdapter:
+        """Read and check an adapter against the primary model (slow: call off the event
+        loop); NameTaken or AdapterError when refused."""
+        bank = self._engine.primary.lora_slots.bank
+        return self.adapters.load(name, lambda: load_lora_adapter(
+            name, path, bank.linears, max_rank, dtype=self.primary.dtype))
+
+    def unload_adapter(self, name: str) -> LoraAdapter | None:
+        """New requests cannot pick it; lanes running on it finish first."""
+        return self.adapters.remove(name)
+
+    # ---- model work between steps ---------------------------------------------------------------
+    async def call(self, work: Callable[[], Result]) -> Result:
+        return await asyncio.wrap_future(self._engine.call_between_steps(work))
+
+    async def last_token_activations(self, model: str, prompts: list[list[int]],
+                                     layers: list[int], target: SteerTarget
+                                     ) -> dict[int, torch.Tensor]:
+        """Each prompt's last-token activation per layer: {layer: (B, W) fp32, on the CPU}.
+        One forward between two steps (call it per batch so streams keep flowing)."""
+        runner = self._engine.models[model].runner
+
+        def capture() -> dict[int, torch.Tensor]:
+            last = torch.tensor([len(p) - 1 for p in prompts], device=runner.device)
+            found = Capture(frozenset(layers), target, last)
+            runner.capture(prompts, found)
+            return {layer: value.cpu() for layer, value in found.found.items()}
+
+        return await self.call(capture)

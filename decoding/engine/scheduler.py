@@ -1,7 +1,8 @@
 """Admission: waiting requests become running sequences while the prefill budget allows.
 
-Slots belong to hosted models (decoding/lanes.py); `make` returns None when a request's
-lanes cannot all get one now (or its LoRA adapter has no slot), and admission stops there.
+Slots belong to hosted models (decoding/model/hosted.py); `place` returns None when a
+request's lanes cannot all get one now (or its LoRA adapter has no slot), and admission
+stops there. A request whose placement raises is handed to `refuse` and dropped.
 """
 
 from __future__ import annotations
@@ -9,29 +10,35 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
-from steerserve.decoding.request import GenerationRequest, Sequence
+from steerserve.decoding.engine.inbox import Submit
+from steerserve.decoding.engine.state import Sequence
 
 
 class Scheduler:
     def __init__(self, max_prefill_tokens: int) -> None:
         self.max_prefill_tokens = max_prefill_tokens
-        self.waiting: deque[GenerationRequest] = deque()
+        self.waiting: deque[Submit] = deque()
         self.running: list[Sequence] = []
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def admit(self, make: Callable[[GenerationRequest], Sequence | None]) -> list[Sequence]:
+    def admit(self, place: Callable[[Submit], Sequence | None],
+              refuse: Callable[[Submit, Exception], None]) -> list[Sequence]:
         """Admit in arrival order while the padded prefill batch stays within budget (a
         single long prompt is always admitted alone)."""
         admitted: list[Sequence] = []
         width = 0
         while self.waiting:
-            length = len(self.waiting[0].prompt_ids)
+            length = max(len(spec.prompt_ids) for spec in self.waiting[0].request.lanes)
             new_width = max(width, length)
             if admitted and new_width * (len(admitted) + 1) > self.max_prefill_tokens:
                 break
-            sequence = make(self.waiting[0])
+            try:
+                sequence = place(self.waiting[0])
+            except Exception as exc:  # this request only: the queue goes on
+                refuse(self.waiting.popleft(), exc)
+                continue
             if sequence is None:
                 break
             self.waiting.popleft()
@@ -40,11 +47,11 @@ class Scheduler:
         self.running.extend(admitted)
         return admitted
 
-    def remove_waiting(self, request_id: str) -> GenerationRequest | None:
-        for request in self.waiting:
-            if request.request_id == request_id:
-                self.waiting.remove(request)
-                return request
+    def remove_waiting(self, request_id: str) -> Submit | None:
+        for submitted in self.waiting:
+            if submitted.request.request_id == request_id:
+                self.waiting.remove(submitted)
+                return submitted
         return None
 
     def find_running(self, request_id: str) -> Sequence | None:

@@ -1,13 +1,51 @@
-"""One step's forwards for one hosted model: a decode over its running lanes, then a prefill
-over the lanes that joined, each a single batch whatever request the lanes belong to."""
+"""One hosted model's forwards for a step: decode its prefilled lanes, prefill the others.
+
+Each group is cut into runs of consecutive slots and each run is one batched forward,
+whatever requests its lanes belong to (in a normal step: one decode over slots 0..k-1, one
+prefill over the lanes that joined). Results are returned per lane and nothing on the lanes
+changes here, so a step that fails can be run again (decoding/engine/isolation.py).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
 from steerserve.adapters.steering.plan import Capture, SteeringPlan, prefill_plan
 from steerserve.adapters.steering.spec import SteerTarget
 from steerserve.decoding.model.hosted import HostedModel, Lane
+
+
+@dataclass
+class LaneResult:
+    logits: torch.Tensor  # (V,) next-token logits
+    hidden: torch.Tensor  # (C,) the final (normed) hidden state they come from
+    prompt_logits: torch.Tensor | None = None  # (P - 1, V) when the lane keeps them
+    early: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (C,) or (P, C)
+
+
+Results = dict[Lane, LaneResult]
+
+
+def run(hosted: HostedModel, lanes: list[Lane]) -> Results:
+    results: Results = {}
+    for group in slot_runs([lane for lane in lanes if lane.prefilled]):
+        results.update(decode(hosted, group))
+    for group in slot_runs([lane for lane in lanes if not lane.prefilled]):
+        results.update(prefill(hosted, group))
+    return results
+
+
+def slot_runs(lanes: list[Lane]) -> list[list[Lane]]:
+    """Lanes in slot order, split wherever a slot is skipped."""
+    runs: list[list[Lane]] = []
+    for lane in sorted(lanes, key=lambda lane: lane.slot):
+        if runs and runs[-1][-1].slot + 1 == lane.slot:
+            runs[-1].append(lane)
+        else:
+            runs.append([lane])
+    return runs
 
 
 def _with_capture(plan: SteeringPlan | None, capture: Capture | None) -> SteeringPlan | None:
@@ -20,8 +58,8 @@ def _with_capture(plan: SteeringPlan | None, capture: Capture | None) -> Steerin
 
 def _early_exit_capture(lanes: list[Lane], positions: list[int | None],
                         device: torch.device) -> Capture | None:
-    """DoLa lanes: their early-exit layers at the sampled position (all positions when the
-    lane also scores its prompt). One capture covers one kind of lane."""
+    """Lanes that keep block outputs: at the sampled position, or at every position (None)
+    when the lane also scores its prompt. One capture covers one kind of lane."""
     rows = [i for i, lane in enumerate(lanes) if lane.capture_layers]
     if not rows:
         return None
@@ -31,58 +69,47 @@ def _early_exit_capture(lanes: list[Lane], positions: list[int | None],
     return Capture(layers, SteerTarget.RESIDUAL, picked, torch.tensor(rows, device=device))
 
 
-def _store_early(lanes: list[Lane], capture: Capture | None) -> None:
+def _early(lanes: list[Lane], capture: Capture | None) -> list[dict[int, torch.Tensor]]:
+    """Per lane, what the capture kept of its own layers."""
+    early: list[dict[int, torch.Tensor]] = [{} for _ in lanes]
     if capture is None:
-        return
-    rows = capture.rows.tolist()
-    for k, row in enumerate(rows):
-        lanes[row].early = {layer: found[k] for layer, found in capture.found.items()
-                            if layer in lanes[row].capture_layers}
+        return early
+    for k, row in enumerate(capture.rows.tolist()):
+        early[row] = {layer: found[k] for layer, found in capture.found.items()
+                      if layer in lanes[row].capture_layers}
+    return early
 
 
-def decode(hosted: HostedModel, lanes: list[Lane]) -> None:
-    """Lanes in slots 0..len-1, each feeding its owner's newest token."""
+def decode(hosted: HostedModel, lanes: list[Lane]) -> Results:
+    """Lanes in consecutive slots, each feeding its owner's newest token."""
     device = hosted.loaded.device
     capture = _early_exit_capture(lanes, [0] * len(lanes), device)
     plan = _with_capture(hosted.steering_for_decode(lanes), capture)
-    out = hosted.runner.decode(0, [lane.next_token for lane in lanes],
+    out = hosted.runner.decode(lanes[0].slot, [lane.next_token for lane in lanes],
                                [lane.cached_length for lane in lanes],
                                [lane.lora_slot for lane in lanes], plan)
-    for row, lane in enumerate(lanes):
-        lane.logits, lane.hidden = out.logits[row], out.hidden[row]
-        lane.fed += 1
-    _store_early(lanes, capture)
+    early = _early(lanes, capture)
+    return {lane: LaneResult(out.logits[row], out.hidden[row], None, early[row])
+            for row, lane in enumerate(lanes)}
 
 
-def prefill(hosted: HostedModel, lanes: list[Lane]) -> None:
-    """Lanes in consecutive slots from lanes[0].slot, prompts right-padded."""
+def prefill(hosted: HostedModel, lanes: list[Lane]) -> Results:
+    """Lanes in consecutive slots, prompts right-padded."""
     device = hosted.loaded.device
     prompts = [list(lane.prompt_ids) for lane in lanes]
     lengths = [len(p) for p in prompts]
     steering = prefill_plan([lane.spec.steering for lane in lanes], lengths, max(lengths),
                             device)
-    scoring_dola = any(lane.capture_layers and lane.wants_prompt_logits for lane in lanes)
-    positions = [None if scoring_dola else n - 1 for n in lengths]
-    capture = _early_exit_capture(lanes, positions, device)
+    whole = any(lane.capture_layers and lane.wants_prompt_logits for lane in lanes)
+    capture = _early_exit_capture(lanes, [None if whole else n - 1 for n in lengths], device)
     out = hosted.runner.prefill(lanes[0].slot, prompts,
                                 [lane.wants_prompt_logits for lane in lanes],
                                 [lane.lora_slot for lane in lanes],
                                 _with_capture(steering, capture))
-    for row, lane in enumerate(lanes):
-        lane.logits, lane.hidden = out.last_logits[row], out.last_hidden[row]
-        lane.prompt_logits = out.prompt_logits[row]
-        lane.prefilled = True
-    _store_early(lanes, capture)
-    if scoring_dola:  # keep (P, C) for scoring; the sampled position is the last one
-        for lane, n in zip(lanes, lengths, strict=True):
-            lane.early = {layer: h[:n] for layer, h in lane.early.items()}
-
-
-def forward(hosted: HostedModel) -> None:
-    """Decode the prefilled lanes (a prefix of the slots), prefill the rest (a suffix)."""
-    running = [lane for lane in hosted.lanes if lane.prefilled]
-    joining = [lane for lane in hosted.lanes if not lane.prefilled]
-    if running:
-        decode(hosted, running)
-    if joining:
-        prefill(hosted, joining)
+    early = _early(lanes, capture)
+    if whole:  # (P, C) for scoring, without the padding; the sampled position is the last
+        early = [{layer: h[:n] for layer, h in kept.items()}
+                 for kept, n in zip(early, lengths, strict=True)]
+    return {lane: LaneResult(out.last_logits[row], out.last_hidden[row],
+                             out.prompt_logits[row], early[row])
+            for row, lane in enumerate(lanes)}

@@ -3,41 +3,24 @@
 A lane is one token sequence decoded on one hosted model (with an optional LoRA adapter and
 steering) and its own KV-cache slot. A request owns one or more lanes; every token it samples
 is appended to all of them. A hosted model keeps its lanes in slot order (lanes[i].slot == i),
-so a decode forward reads its cache as one view; a leaving lane's slot is filled by the last.
+so a forward over consecutive lanes reads its cache as one view; a leaving lane's slot is
+filled by the last.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-
-from steerserve.adapters.lora.slots import AdapterWeights, LoraSlots
+from steerserve.adapters.lora.slots import LoraSlots
 from steerserve.adapters.steering.plan import SteeringPlan, decode_plan
-from steerserve.adapters.steering.spec import SteeringSpec
+from steerserve.decoding.model.info import ModelInfo
 from steerserve.decoding.model.loader import LoadedModel
 from steerserve.decoding.model.runner import ModelRunner
+from steerserve.decoding.request import LaneSpec
 
 if TYPE_CHECKING:
-    from steerserve.decoding.request import Sequence
-
-
-@dataclass(frozen=True, eq=False)
-class LaneSpec:
-    """What a lane runs: a hosted model, its own prompt, adapter and steering."""
-
-    model: str
-    prompt_ids: tuple[int, ...]
-    adapter: AdapterWeights | None = None
-    steering: SteeringSpec | None = None
-    temperature: float = 1.0  # its logits are divided by this before combining
-
-    def same_as(self, other: LaneSpec) -> bool:
-        """Identical lanes give identical logits: one forward serves both (a temperature
-        only scales them in the combination)."""
-        return (self.model == other.model and self.prompt_ids == other.prompt_ids
-                and self.adapter is other.adapter and self.steering is other.steering)
+    from steerserve.decoding.engine.state import Sequence
 
 
 @dataclass(eq=False)
@@ -49,11 +32,7 @@ class Lane:
     prefilled: bool = False
     fed: int = 0  # the owner's output tokens already in this lane's cache
     wants_prompt_logits: bool = False
-    capture_layers: tuple[int, ...] = ()  # DoLa: early-exit layers read at the sampled position
-    logits: torch.Tensor | None = None  # (V,) the latest next-token logits
-    hidden: torch.Tensor | None = None  # (C,) the final hidden state they come from
-    prompt_logits: torch.Tensor | None = None  # (P - 1, V) when scoring
-    early: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (C,) or (P, C)
+    capture_layers: tuple[int, ...] = ()  # block outputs kept at the sampled position(s)
 
     @property
     def prompt_ids(self) -> tuple[int, ...]:
@@ -71,19 +50,24 @@ class Lane:
 class HostedModel:
     """One hosted model: its runner, LoRA slots and the lanes in its KV-cache slots."""
 
-    def __init__(self, name: str, loaded: LoadedModel, runner: ModelRunner,
+    def __init__(self, loaded: LoadedModel, runner: ModelRunner,
                  lora_slots: LoraSlots | None) -> None:
-        self.name = name
+        self.name = loaded.name
         self.loaded = loaded
         self.runner = runner
         self.lora_slots = lora_slots
+        self.info = ModelInfo.of(loaded, runner.vocab_size)
         self.lanes: list[Lane] = []
-        self.reserved = 0  # slots promised to lanes created later in a step (SH2's ponder)
+        self.reserved = 0  # slots promised to lanes that join after a prefill (late lanes)
         self._decode_plan: tuple[tuple, SteeringPlan | None] = ((), None)
 
     @property
+    def num_slots(self) -> int:
+        return self.runner.cache.shape.num_slots
+
+    @property
     def free_slots(self) -> int:
-        return self.runner.cache.shape.num_slots - len(self.lanes) - self.reserved
+        return self.num_slots - len(self.lanes) - self.reserved
 
     def add(self, lane: Lane) -> None:
         lane.slot = len(self.lanes)
@@ -110,6 +94,7 @@ class HostedModel:
         self.lanes = sorted((lane for lane in self.lanes if id(lane) not in gone),
                             key=lambda lane: lane.slot)
         for lane in leaving:
+            lane.slot = -1
             if lane.lora_slot >= 0:
                 self.lora_slots.release(lane.lora_slot)
                 lane.lora_slot = -1

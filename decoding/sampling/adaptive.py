@@ -21,7 +21,7 @@ import torch
 from steerserve.kernels.adaptive_temperature.ops import TempMethod
 
 if TYPE_CHECKING:
-    from steerserve.decoding.request import Sequence
+    from steerserve.decoding.engine.state import Sequence
     from steerserve.decoding.sampling.temperature_head import TemperatureHead
 
 
@@ -52,11 +52,12 @@ class AdaptiveTemperature:
         return 0.0, 0.0
 
 
-def head_choices(running: list[Sequence], admitted: list[Sequence]) -> list[float | None]:
+def head_choices(running: list[Sequence], hidden: list[torch.Tensor],
+                 admitted: list[Sequence]) -> list[float | None]:
     """Each request's temperature from its learned head this step (None: no head). Per token,
     or once per response from the last prompt position (level 'sequence'); the head reads
-    the request's first lane's final hidden state. Greedy choices of one head run as one
-    batch; sampled ones draw from each request's own generator."""
+    `hidden[row]`, the final hidden state of the request's first lane. Greedy choices of one
+    head run as one batch; sampled ones draw from each request's own generator."""
     given: list[float | None] = [None] * len(running)
     batches: dict[int, list[int]] = {}
     for row, s in enumerate(running):
@@ -68,10 +69,10 @@ def head_choices(running: list[Sequence], admitted: list[Sequence]) -> list[floa
         elif rule.choice == "greedy":
             batches.setdefault(id(rule.head), []).append(row)
         else:
-            given[row] = _choose(rule.head, [running[row]], False, running[row].generator)[0]
+            given[row] = _choose(rule.head, [hidden[row]], False, s.generator)[0]
     for rows in batches.values():
         head = running[rows[0]].params.adaptive.head
-        for row, t in zip(rows, _choose(head, [running[r] for r in rows], True, None),
+        for row, t in zip(rows, _choose(head, [hidden[r] for r in rows], True, None),
                           strict=True):
             given[row] = t
     for row, s in enumerate(running):
@@ -80,7 +81,7 @@ def head_choices(running: list[Sequence], admitted: list[Sequence]) -> list[floa
     return given
 
 
-def _choose(head: TemperatureHead, group: list[Sequence], greedy: bool,
+def _choose(head: TemperatureHead, hidden: list[torch.Tensor], greedy: bool,
             generator: torch.Generator | None) -> list[float]:
-    hidden = torch.stack([s.lanes[0].hidden for s in group]).float()  # (N, C)
-    return head.choose(hidden, greedy=greedy, generator=generator)[1].tolist()
+    states = torch.stack(hidden).float()  # (N, C)
+    return head.choose(states, greedy=greedy, generator=generator)[1].tolist()

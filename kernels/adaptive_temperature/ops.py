@@ -32,8 +32,8 @@ from enum import IntEnum
 
 import torch
 
+from steerserve.kernels import dispatch
 from steerserve.kernels.checks import check_tensor, require
-from steerserve.kernels.dispatch import KernelChoice, choose_backend, log_choice
 
 __all__ = [
     "BLOCK_V",
@@ -57,7 +57,6 @@ BLOCK_V = 1024
 _METHOD_DTYPES = (torch.int8, torch.int32)
 
 # Backend decided once per device type, logged once.
-_CHOICES: dict[str, KernelChoice] = {}
 
 
 # --------------------------------------------------------------------------- validation
@@ -163,15 +162,6 @@ def adaptive_temperature_triton(
     return temp
 
 
-def _use_triton(device: torch.device) -> bool:
-    choice = _CHOICES.get(device.type)
-    if choice is None:
-        choice = choose_backend(device)
-        log_choice("adaptive_temperature", choice)
-        _CHOICES[device.type] = choice
-    return choice.use_triton
-
-
 def adaptive_temperature(
     logits: torch.Tensor,
     method: torch.Tensor,
@@ -181,6 +171,6 @@ def adaptive_temperature(
 ) -> torch.Tensor:
     """Scale every row of `logits` in place by its temperature; Triton or PyTorch by device."""
     require(isinstance(logits, torch.Tensor), "logits must be a torch.Tensor")
-    use_triton = _use_triton(logits.device)
+    use_triton = dispatch.BACKENDS.use_triton("adaptive_temperature", logits.device)
     impl = adaptive_temperature_triton if use_triton else adaptive_temperature_torch
     return impl(logits, method, t0, param_a, param_b)

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import torch
 
+from steerserve.kernels import dispatch
 from steerserve.kernels.checks import check_tensor, require
-from steerserve.kernels.dispatch import KernelChoice, choose_backend, log_choice
 
 __all__ = [
     "BLOCK_V",
@@ -53,7 +53,6 @@ MAX_SLOTS = 8
 NEG_INF = float("-inf")
 
 # Backend decided once per device type, logged once.
-_CHOICES: dict[str, KernelChoice] = {}
 
 
 # --------------------------------------------------------------------------- validation
@@ -213,15 +212,6 @@ def combine_lanes_triton(
     return out
 
 
-def _use_triton(device: torch.device) -> bool:
-    choice = _CHOICES.get(device.type)
-    if choice is None:
-        choice = choose_backend(device)
-        log_choice("combine_lanes", choice)
-        _CHOICES[device.type] = choice
-    return choice.use_triton
-
-
 def combine_lanes(
     lane_logits: torch.Tensor,
     lane_temperature: torch.Tensor,
@@ -233,6 +223,7 @@ def combine_lanes(
 ) -> torch.Tensor:
     """One (R, V) row per request from the lanes' logits; Triton, else dense PyTorch, by device."""
     require(isinstance(lane_logits, torch.Tensor), "lane_logits must be a torch.Tensor")
-    impl = combine_lanes_triton if _use_triton(lane_logits.device) else combine_lanes_dense
+    use_triton = dispatch.BACKENDS.use_triton("combine_lanes", lane_logits.device)
+    impl = combine_lanes_triton if use_triton else combine_lanes_dense
     return impl(lane_logits, lane_temperature, lane_index, weight, log_softmax, plausible_lane,
                 plausible_alpha)  # fmt: skip

@@ -28,13 +28,12 @@ signature, and a public entry point that picks one per device type, once, throug
 
 from __future__ import annotations
 
-import functools
 from itertools import pairwise
 from typing import NamedTuple
 
 import torch
 
-from steerserve.kernels.dispatch import choose_backend, log_choice
+from steerserve.kernels import dispatch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -330,32 +329,29 @@ def apply_lora_sgmv_triton(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.
 # ------------------------------------------------------------------- public entry points
 
 
-@functools.cache
-def use_triton(device_type: str) -> bool:
-    """Decided once per device type ('cuda', 'cpu'), and logged."""
-    choice = choose_backend(device_type)
-    log_choice("lora", choice)
-    return choice.use_triton
+def use_triton(device: torch.device | str) -> bool:
+    """The process's one choice for the LoRA kernels on this device type."""
+    return dispatch.BACKENDS.use_triton("lora", device)
 
 
 def lora_shrink_bgmv(x: torch.Tensor, lora_a: torch.Tensor,
                      adapter_index: torch.Tensor) -> torch.Tensor:
     """t (N, R) = x (N, K) @ A[idx]^T per row; rows with idx -1 get zeros."""
-    impl = lora_shrink_bgmv_triton if use_triton(x.device.type) else lora_shrink_bgmv_torch
+    impl = lora_shrink_bgmv_triton if use_triton(x.device) else lora_shrink_bgmv_torch
     return impl(x, lora_a, adapter_index)
 
 
 def lora_expand_bgmv(t: torch.Tensor, lora_b: torch.Tensor, adapter_index: torch.Tensor,
                      scaling: torch.Tensor, y: torch.Tensor) -> None:
     """y (N, OUT) += scaling[idx] * t (N, R) @ B[idx]^T per row, in place."""
-    impl = lora_expand_bgmv_triton if use_triton(y.device.type) else lora_expand_bgmv_torch
+    impl = lora_expand_bgmv_triton if use_triton(y.device) else lora_expand_bgmv_torch
     impl(t, lora_b, adapter_index, scaling, y)
 
 
 def apply_lora_bgmv(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                     adapter_index: torch.Tensor, scaling: torch.Tensor, y: torch.Tensor) -> None:
     """y += scaling[idx] * B[idx] @ A[idx] @ x per row (decode), in place."""
-    impl = apply_lora_bgmv_triton if use_triton(x.device.type) else apply_lora_bgmv_torch
+    impl = apply_lora_bgmv_triton if use_triton(x.device) else apply_lora_bgmv_torch
     impl(x, lora_a, lora_b, adapter_index, scaling, y)
 
 
@@ -363,7 +359,7 @@ def lora_shrink_sgmv(x: torch.Tensor, lora_a: torch.Tensor, segment_starts: torc
                      segment_adapter: torch.Tensor,
                      max_segment_len: int | None = None) -> torch.Tensor:
     """t (N, R) = x @ A[slot]^T per segment; rows outside adapter segments get zeros."""
-    impl = lora_shrink_sgmv_triton if use_triton(x.device.type) else lora_shrink_sgmv_torch
+    impl = lora_shrink_sgmv_triton if use_triton(x.device) else lora_shrink_sgmv_torch
     return impl(x, lora_a, segment_starts, segment_adapter, max_segment_len)
 
 
@@ -371,7 +367,7 @@ def lora_expand_sgmv(t: torch.Tensor, lora_b: torch.Tensor, segment_starts: torc
                      segment_adapter: torch.Tensor, scaling: torch.Tensor, y: torch.Tensor,
                      max_segment_len: int | None = None) -> None:
     """y += scaling[slot] * t @ B[slot]^T per segment, in place."""
-    impl = lora_expand_sgmv_triton if use_triton(y.device.type) else lora_expand_sgmv_torch
+    impl = lora_expand_sgmv_triton if use_triton(y.device) else lora_expand_sgmv_torch
     impl(t, lora_b, segment_starts, segment_adapter, scaling, y, max_segment_len)
 
 
@@ -380,5 +376,5 @@ def apply_lora_sgmv(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                     scaling: torch.Tensor, y: torch.Tensor,
                     max_segment_len: int | None = None) -> None:
     """y += scaling[slot] * B[slot] @ A[slot] @ x per segment (prefill), in place."""
-    impl = apply_lora_sgmv_triton if use_triton(x.device.type) else apply_lora_sgmv_torch
+    impl = apply_lora_sgmv_triton if use_triton(x.device) else apply_lora_sgmv_torch
     impl(x, lora_a, lora_b, segment_starts, segment_adapter, scaling, y, max_segment_len)

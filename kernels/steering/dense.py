@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import torch
 
-from steerserve.kernels.steering.ops import SteerMode, _check_heads, _check_residual
+from steerserve.kernels.steering.ops import (
+    MODE_ADD,
+    MODE_CLAMP,
+    _check_heads,
+    _check_residual,
+)
 
 
 def _item_masks(
     vector_index: torch.Tensor, mode: torch.Tensor, num_vectors: int
 ) -> torch.Tensor:
     """(R, K) bool: the item exists (index in range, known mode)."""
-    known = (mode >= 0) & (mode <= int(SteerMode.CLAMP))
+    known = (mode >= 0) & (mode <= MODE_CLAMP)
     return (vector_index >= 0) & (vector_index < num_vectors) & known
 
 
@@ -28,14 +33,14 @@ def _apply_item(
     mode: torch.Tensor,  # (R,)
     present: torch.Tensor,  # (R,) bool
 ) -> torch.Tensor:
-    is_add = present & (mode == SteerMode.ADD)
+    is_add = present & (mode == MODE_ADD)
     added = h + (scale.unsqueeze(1) * v).unsqueeze(1)
     v_norm = v.norm(dim=-1, keepdim=True)  # (R, 1)
-    projects = present & (mode != SteerMode.ADD) & (v_norm.squeeze(1) > 0)
+    projects = present & (mode != MODE_ADD) & (v_norm.squeeze(1) > 0)
     u = (v / v_norm.clamp_min(torch.finfo(torch.float32).tiny)).unsqueeze(1)  # (R, 1, H)
     removed = h - (h * u).sum(-1, keepdim=True) * u
     clamped = removed + scale.view(-1, 1, 1) * u
-    projected = torch.where((mode == SteerMode.CLAMP).view(-1, 1, 1), clamped, removed)
+    projected = torch.where((mode == MODE_CLAMP).view(-1, 1, 1), clamped, removed)
     h = torch.where(is_add.view(-1, 1, 1), added, h)
     return torch.where(projects.view(-1, 1, 1), projected, h)
 
@@ -45,7 +50,7 @@ def steer_residual_dense(
     vectors: torch.Tensor,  # (num_vectors, hidden)
     vector_index: torch.Tensor,  # (num_rows, K), -1 = no item
     scale: torch.Tensor,  # (num_rows, K) fp32
-    mode: torch.Tensor,  # (num_rows, K) SteerMode values
+    mode: torch.Tensor,  # (num_rows, K) MODE_* codes
     normalize: torch.Tensor,  # (num_rows,) bool
     position_mask: torch.Tensor | None = None,  # (num_rows, seq) bool; None = all
 ) -> torch.Tensor:

@@ -15,17 +15,17 @@ lazily (in `kernels.steer_residual` / `kernels.steer_heads`), never at import ti
 
 from __future__ import annotations
 
-from enum import IntEnum
-
 import torch
 
+from steerserve.kernels import dispatch
 from steerserve.kernels.checks import check_tensor, require
-from steerserve.kernels.dispatch import KernelChoice, choose_backend, log_choice
 
 __all__ = [
     "MAX_HIDDEN",
     "MAX_ITEMS",
-    "SteerMode",
+    "MODE_ABLATE",
+    "MODE_ADD",
+    "MODE_CLAMP",
     "steer_heads",
     "steer_heads_torch",
     "steer_heads_triton",
@@ -35,10 +35,10 @@ __all__ = [
 ]
 
 
-class SteerMode(IntEnum):
-    ADD = 0  # h + scale * v
-    ABLATE = 1  # h - (h.u) u, u = v / |v|; scale ignored
-    CLAMP = 2  # h - (h.u) u + scale * u: the component along u becomes `scale`
+# Mode codes of the residual op (adapters.steering.spec.SteerMode names them for requests).
+MODE_ADD = 0  # h + scale * v
+MODE_ABLATE = 1  # h - (h.u) u, u = v / |v|; scale ignored
+MODE_CLAMP = 2  # h - (h.u) u + scale * u: the component along u becomes `scale`
 
 
 # Items are unrolled in the kernel, so K is a compile-time constant kept small.
@@ -50,10 +50,8 @@ MAX_HIDDEN = 16384
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _MODE_DTYPES = (torch.int8, torch.int32)
-_MODES = frozenset(int(m) for m in SteerMode)
+_MODES = frozenset((MODE_ADD, MODE_ABLATE, MODE_CLAMP))
 
-# Backend decided once per (op, device type), logged once.
-_CHOICES: dict[tuple[str, str], KernelChoice] = {}
 
 
 # --------------------------------------------------------------------------- validation
@@ -136,16 +134,6 @@ def _check_heads(
 # --------------------------------------------------------------------------- dispatch
 
 
-def _use_triton(op: str, device: torch.device) -> bool:
-    key = (op, device.type)
-    choice = _CHOICES.get(key)
-    if choice is None:
-        choice = choose_backend(device)
-        log_choice(op, choice)
-        _CHOICES[key] = choice
-    return choice.use_triton
-
-
 def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
@@ -169,7 +157,7 @@ def _steer_positions(
     norm_before = h.norm(dim=-1, keepdim=True)  # (n, 1)
     for index, scale, mode in items:
         v = vectors[index].float()  # (hidden,)
-        if mode == SteerMode.ADD:
+        if mode == MODE_ADD:
             h = h + scale * v
             continue
         v_norm = v.norm()
@@ -178,7 +166,7 @@ def _steer_positions(
         u = v / v_norm
         along = (h @ u).unsqueeze(-1)  # (n, 1)
         h = h - along * u
-        if mode == SteerMode.CLAMP:
+        if mode == MODE_CLAMP:
             h = h + scale * u
     if normalize:
         norm_after = h.norm(dim=-1, keepdim=True)  # (n, 1)
@@ -191,7 +179,7 @@ def steer_residual_torch(
     vectors: torch.Tensor,  # (num_vectors, hidden), hidden's dtype or fp32
     vector_index: torch.Tensor,  # (num_rows, K) int32/int64, -1 = no item
     scale: torch.Tensor,  # (num_rows, K) fp32
-    mode: torch.Tensor,  # (num_rows, K) int8/int32, SteerMode values
+    mode: torch.Tensor,  # (num_rows, K) int8/int32, MODE_* codes
     normalize: torch.Tensor,  # (num_rows,) bool
     position_mask: torch.Tensor | None = None,  # (num_rows, seq) bool; None = all
 ) -> torch.Tensor:
@@ -226,7 +214,7 @@ def steer_residual_triton(
     vectors: torch.Tensor,  # (num_vectors, hidden), hidden's dtype or fp32
     vector_index: torch.Tensor,  # (num_rows, K) int32/int64, -1 = no item
     scale: torch.Tensor,  # (num_rows, K) fp32
-    mode: torch.Tensor,  # (num_rows, K) int8/int32, SteerMode values
+    mode: torch.Tensor,  # (num_rows, K) int8/int32, MODE_* codes
     normalize: torch.Tensor,  # (num_rows,) bool
     position_mask: torch.Tensor | None = None,  # (num_rows, seq) bool; None = all
 ) -> torch.Tensor:
@@ -264,7 +252,7 @@ def steer_residual(
 ) -> torch.Tensor:
     """Apply every row's steering for one layer in place; Triton or PyTorch by device."""
     require(isinstance(hidden, torch.Tensor), "hidden must be a torch.Tensor")
-    if _use_triton("steer_residual", hidden.device):
+    if dispatch.BACKENDS.use_triton("steer_residual", hidden.device):
         impl = steer_residual_triton
     else:
         from steerserve.kernels.steering.dense import (
@@ -341,7 +329,7 @@ def steer_heads(
 ) -> torch.Tensor:
     """Add every row's head offsets for one layer in place; Triton or PyTorch by device."""
     require(isinstance(attn_out, torch.Tensor), "attn_out must be a torch.Tensor")
-    if _use_triton("steer_heads", attn_out.device):
+    if dispatch.BACKENDS.use_triton("steer_heads", attn_out.device):
         impl = steer_heads_triton
     else:
         from steerserve.kernels.steering.dense import (

@@ -1,4 +1,4 @@
-"""Run a request's choices (n per prompt) on the engine and merge their outputs."""
+"""Run a request's choices on the engine and merge their outputs."""
 
 from __future__ import annotations
 
@@ -7,25 +7,12 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from steerserve.adapters.lora.slots import AdapterWeights
-from steerserve.adapters.steering.spec import SteeringSpec
-from steerserve.decoding.engine.core import QueueFull
-from steerserve.decoding.methods.strategies import DecodingMethod
-from steerserve.decoding.request import RequestOutput, TokenLogprob
-from steerserve.decoding.sampling.params import SamplingParams
+from steerserve.decoding.engine.admission import Inadmissible
+from steerserve.decoding.engine.client import RequestStream
+from steerserve.decoding.engine.core import EngineUnavailable, QueueFull
+from steerserve.decoding.request import EngineRequest, Failure, RequestOutput, TokenLogprob
 from steerserve.server.context import ServingContext
-from steerserve.server.errors import APIError
-
-
-@dataclass(frozen=True)
-class ChoiceSpec:
-    index: int
-    prompt_ids: list[int]
-    params: SamplingParams
-    adapter: AdapterWeights | None = None
-    steering: SteeringSpec | None = None
-    model: str | None = None  # hosted model (None: the first)
-    method: DecodingMethod | None = None
+from steerserve.server.errors import APIError, error_response
 
 
 @dataclass
@@ -40,7 +27,7 @@ class ChoiceResult:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    error: str | None = None
+    failure: Failure | None = None
     temperatures: list[float] = field(default_factory=list)
 
     def add(self, output: RequestOutput) -> None:
@@ -54,41 +41,39 @@ class ChoiceResult:
         self.completion_tokens = output.completion_tokens
         if output.finished:
             self.finish_reason = output.finish_reason.value if output.finish_reason else None
-            self.error = output.error
+            self.failure = output.failure
 
 
-def ensure_capacity(ctx: ServingContext, num_choices: int) -> None:
-    """Refuse before any response starts (a stream's status is sent with its first byte)."""
-    if ctx.engine.engine.num_waiting + num_choices > ctx.settings.max_queue:
-        raise APIError(429, "the server is busy: the request queue is full, retry later",
-                       code="queue_full")
-
-
-async def _pump(ctx: ServingContext, request_id: str, spec: ChoiceSpec,
-                merged: asyncio.Queue) -> None:
+def open_streams(ctx: ServingContext, requests: list[EngineRequest]) -> list[RequestStream]:
+    """Queue every choice or none, before any response starts (a stream's status goes out
+    with its first byte)."""
     try:
-        async for output in ctx.engine.stream(request_id, spec.prompt_ids, spec.params,
-                                                spec.adapter, spec.steering, spec.model,
-                                                spec.method):
-            await merged.put((spec.index, output))
+        return ctx.engine.open(requests)
+    except Inadmissible as exc:
+        raise APIError(400, str(exc), exc.field) from exc
     except QueueFull as exc:
-        await merged.put((spec.index, exc))
+        raise APIError(429, "the server is busy: the request queue is full, retry later",
+                       code="queue_full") from exc
+    except EngineUnavailable as exc:
+        raise APIError(503, str(exc), code="engine_unavailable") from exc
 
 
-async def run_choices(ctx: ServingContext, request_id: str,
-                      specs: list[ChoiceSpec]) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def _pump(index: int, stream: RequestStream, merged: asyncio.Queue) -> None:
+    async for output in stream:
+        await merged.put((index, output))
+
+
+async def run_choices(ctx: ServingContext, streams: list[RequestStream]
+                      ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Yield (choice index, output) as the engine produces them; interleaved across choices.
-    Leaving early cancels every choice (and so frees their slots)."""
+    Leaving early aborts every unfinished choice (and so frees their slots)."""
     merged: asyncio.Queue = asyncio.Queue()
-    tasks = [asyncio.create_task(_pump(ctx, f"{request_id}-{s.index}", s, merged))
-             for s in specs]
-    started, remaining = time.monotonic(), len(specs)
+    tasks = [asyncio.create_task(_pump(i, s, merged)) for i, s in enumerate(streams)]
+    started, remaining = time.monotonic(), len(streams)
     first_seen = False
     try:
         while remaining:
             index, item = await merged.get()
-            if isinstance(item, Exception):
-                raise APIError(429, str(item))
             if item.token_ids and not first_seen:
                 first_seen = True
                 ctx.metrics.ttft.observe(time.monotonic() - started)
@@ -99,11 +84,18 @@ async def run_choices(ctx: ServingContext, request_id: str,
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:
+            stream.abort()
 
 
-async def collect(ctx: ServingContext, request_id: str,
-                  specs: list[ChoiceSpec]) -> list[ChoiceResult]:
-    results = {s.index: ChoiceResult(s.index) for s in specs}
-    async for index, output in run_choices(ctx, request_id, specs):
+async def collect(ctx: ServingContext, streams: list[RequestStream]) -> list[ChoiceResult]:
+    results = [ChoiceResult(i) for i in range(len(streams))]
+    async for index, output in run_choices(ctx, streams):
         results[index].add(output)
-    return [results[s.index] for s in specs]
+    return results
+
+
+def failed_response(results: list[ChoiceResult]):
+    """A non-2xx OpenAI error when any choice failed in the engine, else None."""
+    failed = next((r.failure for r in results if r.failure is not None), None)
+    return None if failed is None else error_response(failed.status, failed.message)

@@ -12,7 +12,6 @@ from fastapi.responses import JSONResponse
 from steerserve.adapters.lora.files import (
     AdapterError,
     LoraAdapter,
-    load_lora_adapter,
     resolve_adapter_path,
 )
 from steerserve.adapters.registry import NameTaken
@@ -24,18 +23,12 @@ from steerserve.server.schemas.requests import LoadLoraRequest, UnloadLoraReques
 logger = logging.getLogger(__name__)
 
 
-def load_adapter_files(ctx: ServingContext, name: str, path: Path) -> LoraAdapter:
-    """Read and validate an adapter against the base model (runs off the event loop)."""
-    bank = ctx.engine.engine.runner.lora_bank
-    return load_lora_adapter(name, path, bank.linears, ctx.settings.max_lora_rank,
-                             dtype=ctx.model.dtype)
-
-
 def register(ctx: ServingContext, name: str, path: Path) -> LoraAdapter:
-    if name == ctx.model_name:
-        raise APIError(400, f"'{name}' is the base model's name", "lora_name")
+    """Read, check and publish an adapter (slow: runs off the event loop)."""
+    if name in ctx.engine.models:
+        raise APIError(400, f"'{name}' is a hosted base model's name", "lora_name")
     try:
-        adapter = ctx.adapters.load(name, lambda: load_adapter_files(ctx, name, path))
+        adapter = ctx.engine.load_adapter(name, path, ctx.settings.max_lora_rank)
     except NameTaken as exc:
         raise APIError(400, str(exc), "lora_name") from exc
     except AdapterError as exc:
@@ -68,7 +61,7 @@ async def load_lora(request: Request, ctx: ServingContext) -> JSONResponse:
 async def unload_lora(request: Request, ctx: ServingContext) -> JSONResponse:
     _require_runtime_lora(ctx)
     req = await parse_request(request, UnloadLoraRequest, ctx.settings.max_body_bytes)
-    if ctx.adapters.remove(req.lora_name) is None:
+    if ctx.engine.unload_adapter(req.lora_name) is None:
         raise APIError(404, f"no adapter named '{req.lora_name}' is loaded", "lora_name",
                        "model_not_found")
     # Lanes already running keep their slot until they finish; new requests get a 404.

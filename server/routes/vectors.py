@@ -17,15 +17,13 @@ import torch
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
-from steerserve.adapters.lora.files import AdapterError
+from steerserve.adapters.errors import AdapterError
 from steerserve.adapters.registry import NameTaken
 from steerserve.adapters.steering.extract import compute_direction
-from steerserve.adapters.steering.plan import Capture
 from steerserve.adapters.steering.spec import SteerTarget
 from steerserve.adapters.steering.store import check_vector_name
 from steerserve.adapters.steering.vectors import SteeringVector, export_gguf, save_safetensors
-from steerserve.decoding.model.loader import LoadedModel
-from steerserve.decoding.model.runner import ModelRunner
+from steerserve.decoding.model.info import ModelInfo
 from steerserve.server.body import parse_request
 from steerserve.server.context import ServingContext, resolve_reference
 from steerserve.server.errors import APIError
@@ -39,7 +37,7 @@ def _adapter_error(exc: AdapterError, param: str) -> APIError:
     return APIError(exc.status, str(exc), exc.param or param)
 
 
-def _tokenize(model: LoadedModel, texts: list[str], param: str) -> list[list[int]]:
+def _tokenize(model: ModelInfo, texts: list[str], param: str) -> list[list[int]]:
     prompts = [model.tokenizer(text)["input_ids"] for text in texts]
     for ids in prompts:
         if not ids or len(ids) > model.max_model_len:
@@ -54,37 +52,27 @@ def _check_request(ctx: ServingContext, req: ExtractVectorRequest) -> list[int]:
         raise _adapter_error(exc, "name") from exc
     if ctx.vectors.get(req.name) is not None:
         raise APIError(400, f"a steering vector named '{req.name}' already exists", "name")
-    if resolve_reference(ctx, req.model)[1] is not None:
+    if resolve_reference(ctx, req.model).adapter is not None:
         raise APIError(400, "vectors are extracted on a hosted model, not on an adapter", "model")
     if len(req.positive) != len(req.negative):
         raise APIError(400, f"positive has {len(req.positive)} texts but negative has "
                        f"{len(req.negative)}: they are pairs", "negative")
     if req.method != "mean_diff" and len(req.positive) < 2:
         raise APIError(400, f"method '{req.method}' needs at least 2 pairs", "positive")
-    num_layers = ctx.models[req.model].model.config.num_hidden_layers
+    num_layers = ctx.engine.models[req.model].shape.num_layers
     # repeng's default: every block but the first.
     layers = req.layers if req.layers is not None else list(range(1, num_layers))
     return layer_list(layers, num_layers, "layers")
 
 
-def capture_batch(runner: ModelRunner, prompts: list[list[int]], layers: list[int],
-                  target: SteerTarget) -> dict[int, torch.Tensor]:
-    """Each prompt's last-token activation per layer: {layer: (B, W) fp32, on the CPU}."""
-    last = torch.tensor([len(p) - 1 for p in prompts], device=runner.device)
-    capture = Capture(frozenset(layers), target, last)
-    runner.capture(prompts, capture)
-    return {layer: found.cpu() for layer, found in capture.found.items()}
-
-
 async def _activations(ctx: ServingContext, req: ExtractVectorRequest, prompts: list[list[int]],
                        layers: list[int]) -> dict[int, torch.Tensor]:
-    runner = ctx.engine.engine.models[req.model].runner
     target = SteerTarget(req.target)
     parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     started = time.monotonic()
     for start in range(0, len(prompts), req.batch_size):
         batch = prompts[start:start + req.batch_size]
-        found = await ctx.engine.call(lambda b=batch: capture_batch(runner, b, layers, target))
+        found = await ctx.engine.last_token_activations(req.model, batch, layers, target)
         for layer in layers:
             parts[layer].append(found[layer])
         logger.info("extracting steering vector '%s': %d/%d texts (%.1f s)", req.name,
@@ -104,7 +92,7 @@ def _directions(acts: dict[int, torch.Tensor], num_pairs: int,
 async def extract_vector(request: Request, ctx: ServingContext) -> JSONResponse:
     req = await parse_request(request, ExtractVectorRequest, ctx.settings.max_body_bytes)
     layers = _check_request(ctx, req)
-    model = ctx.models[req.model]
+    model = ctx.engine.models[req.model]
     prompts = (_tokenize(model, req.positive, "positive")
                + _tokenize(model, req.negative, "negative"))
     acts = await _activations(ctx, req, prompts, layers)
@@ -148,8 +136,8 @@ def describe_vector(ctx: ServingContext, name: str, file_format: str | None) -> 
         path = Path(tmp) / f"{name}.{file_format}"
         try:
             if file_format == "gguf":
-                model = ctx.models.get(vector.model or "", ctx.model)
-                export_gguf(vector, path, model.model.config.model_type)  # repeng's hint
+                model = ctx.engine.models.get(vector.model or "", ctx.engine.primary)
+                export_gguf(vector, path, model.model_type)  # repeng's hint
             else:
                 save_safetensors(vector, path)
         except AdapterError as exc:

@@ -4,7 +4,7 @@ nothing here (user, metadata...) are accepted."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -35,26 +35,6 @@ class AdaptiveTemperatureRequest(Strict):
     head: str | None = Field(None, min_length=1, max_length=128)  # learned
     level: Literal["token", "sequence"] | None = None  # learned
     choice: Literal["greedy", "sample"] | None = None  # learned
-
-
-class DecodingRequest(Strict):
-    """`decoding`: a multi-lane method (see the README); model references name a hosted
-    model or a LoRA adapter over one."""
-
-    method: Literal["proxy_tuning", "contrastive", "sh2", "dola"]
-    expert: str | None = Field(None, min_length=1, max_length=128)  # proxy_tuning
-    anti_expert: str | None = Field(None, min_length=1, max_length=128)  # proxy_tuning
-    expert_chat_template: bool | None = None  # proxy_tuning, /v1/completions
-    amateur: str | None = Field(None, min_length=1, max_length=128)  # contrastive
-    variant: Literal["li2022", "obrien2023"] | None = None  # contrastive
-    alpha: Finite | None = Field(None, ge=0.0, le=100.0)  # proxy, contrastive (0..1], sh2
-    beta: Finite | None = Field(None, ge=0.0, le=100.0)  # contrastive
-    amateur_temperature: Finite | None = Field(None, gt=0.0, le=10.0)  # contrastive
-    amateur_prefix: Literal["full", "last_token"] | None = None  # contrastive
-    key_num: Finite | None = Field(None, gt=0.0, le=100.0)  # sh2
-    mask: bool | None = None  # sh2: relative-top 0.1 on the hesitation lane
-    layers: Literal["low", "high"] | list[int] | None = None  # dola
-    relative_top: Finite | None = Field(None, gt=0.0, le=1.0)  # dola
 
 
 class StreamOptions(Strict):
@@ -96,7 +76,7 @@ class SamplingFields(Strict):
     store: bool | None = None
     service_tier: str | None = None
     # Extensions (vLLM / llama.cpp names).
-    top_k: int = Field(-1, ge=-1)
+    top_k: int = Field(-1, ge=-1, le=INT64_MAX)  # clamped to the vocabulary
     min_p: Finite = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: Finite = Field(1.0, gt=0.0, le=10.0)
     ignore_eos: bool = False
@@ -106,7 +86,7 @@ class SamplingFields(Strict):
     # steerserve extensions.
     steering: Steering | None = None
     adaptive_temperature: AdaptiveTemperatureRequest | None = None
-    decoding: DecodingRequest | None = None
+    decoding: dict[str, Any] | None = None  # per method: server/schemas/decoding.py
     dynatemp_range: NonNegative | None = Field(None, le=2.0)  # llama.cpp's names
     dynatemp_exponent: NonNegative | None = Field(None, le=10.0)
     return_temperatures: bool = False

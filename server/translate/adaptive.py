@@ -17,8 +17,10 @@ _FIELDS = {"edt": {"t0", "theta", "n"}, "dynatemp": {"t0", "range", "exponent"},
            "learned": {"head", "level", "choice"}}
 
 
-def resolve_adaptive(req: SamplingFields,
-                     heads: dict[str, TemperatureHead]) -> AdaptiveTemperature | None:
+def resolve_adaptive(req: SamplingFields, heads: dict[str, TemperatureHead],
+                     hidden_size: int) -> AdaptiveTemperature | None:
+    """`hidden_size`: the width of the final hidden state a learned head will read (the
+    request's own model's)."""
     rule = req.adaptive_temperature
     if rule is None:
         return _llama_cpp_dynatemp(req)
@@ -36,7 +38,7 @@ def resolve_adaptive(req: SamplingFields,
     if req.temperature is not None:
         raise APIError(400, "a learned head picks every temperature: 'temperature' has no "
                        "effect with method 'learned'", "temperature")
-    return _learned(rule, heads)
+    return _learned(rule, heads, hidden_size)
 
 
 def _or(value: float | None, default: float) -> float:
@@ -50,8 +52,8 @@ def _check_fields(rule: AdaptiveTemperatureRequest) -> None:
                        f"{', '.join(sorted(_FIELDS[rule.method]))})", f"{PARAM}.{name}")
 
 
-def _learned(rule: AdaptiveTemperatureRequest,
-             heads: dict[str, TemperatureHead]) -> AdaptiveTemperature:
+def _learned(rule: AdaptiveTemperatureRequest, heads: dict[str, TemperatureHead],
+             hidden_size: int) -> AdaptiveTemperature:
     if rule.head is None:
         raise APIError(400, "method 'learned' needs 'head', a temperature head's name",
                        f"{PARAM}.head")
@@ -60,6 +62,10 @@ def _learned(rule: AdaptiveTemperatureRequest,
         served = ", ".join(sorted(heads)) or "none loaded; see --temperature-head"
         raise APIError(404, f"no temperature head named '{rule.head}' (served: {served})",
                        f"{PARAM}.head", "temperature_head_not_found")
+    if head.config.hidden_size != hidden_size:
+        raise APIError(400, f"temperature head '{rule.head}' reads hidden states of width "
+                       f"{head.config.hidden_size}; this request's model has {hidden_size}",
+                       f"{PARAM}.head")
     return AdaptiveTemperature("learned", head=head, level=rule.level or head.config.level,
                                choice=rule.choice or "greedy")
 

@@ -1,9 +1,10 @@
-"""HTTP request -> engine inputs: prompts as token ids and validated SamplingParams."""
+"""Body checks shared by chat and completions, prompts as token ids, and SamplingParams."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from steerserve.decoding.model.info import ModelInfo
 from steerserve.decoding.sampling.adaptive import AdaptiveTemperature
 from steerserve.decoding.sampling.params import SamplingParams
 from steerserve.server.errors import APIError
@@ -12,6 +13,7 @@ from steerserve.server.schemas.requests import (
     CompletionRequest,
     SamplingFields,
 )
+from steerserve.server.settings import ServerSettings
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,10 @@ class Limits:
     vocab_size: int
     max_n: int
     max_stop: int
+
+    @classmethod
+    def of(cls, info: ModelInfo, settings: ServerSettings) -> Limits:
+        return cls(info.max_model_len, info.vocab_size, settings.max_n, settings.max_stop)
 
 
 def check_common(req: SamplingFields, limits: Limits) -> None:
@@ -80,7 +86,7 @@ def completion_budget(requested: int | None, prompt_len: int, limits: Limits,
     return requested
 
 
-def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
+def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None, vocab_size: int,
                     prompt_logprobs: int | None = None, choice: int = 0,
                     adaptive: AdaptiveTemperature | None = None) -> SamplingParams:
     # n > 1 with a seed: each choice gets its own stream (seed + index), all reproducible.
@@ -89,7 +95,7 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
         max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=req.top_k,
+        top_k=min(req.top_k, vocab_size),  # beyond the vocabulary: every token
         min_p=req.min_p,
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,

@@ -12,11 +12,11 @@ from steerserve.adapters.steering.spec import (
     ModelShape,
     SteerEdit,
     SteeringSpec,
+    SteerMode,
     SteerTarget,
 )
 from steerserve.adapters.steering.store import VectorStore
 from steerserve.adapters.steering.vectors import SteeringVector
-from steerserve.kernels.steering.ops import SteerMode
 from steerserve.server.errors import APIError
 from steerserve.server.schemas.steering import LayerRange, SteeringItem
 

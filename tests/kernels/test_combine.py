@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from steerserve.kernels import dispatch
 from steerserve.kernels.combine import ops as combine_module
 from steerserve.kernels.combine.ops import (
     combine_lanes,
@@ -20,7 +21,7 @@ from steerserve.kernels.combine.ops import (
     combine_lanes_torch,
     combine_lanes_triton,
 )
-from steerserve.kernels.dispatch import KernelChoice
+from steerserve.kernels.dispatch import Dispatch, KernelChoice
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 _CAN_RUN_TRITON = importlib.util.find_spec("triton") is not None and (
@@ -412,8 +413,7 @@ def test_entry_point_dispatch(monkeypatch: pytest.MonkeyPatch, use_triton: bool)
         decisions.append(device)
         return KernelChoice(use_triton, "test")
 
-    monkeypatch.setattr(combine_module, "_CHOICES", {})
-    monkeypatch.setattr(combine_module, "choose_backend", choose)
+    monkeypatch.setattr(dispatch, "BACKENDS", Dispatch(choose))
     monkeypatch.setattr(combine_module, "combine_lanes_triton", lambda *args: "triton")
     monkeypatch.setattr(combine_module, "combine_lanes_dense", lambda *args: "dense")
     args = _args()

@@ -19,7 +19,9 @@ import torch
 from steerserve.kernels.steering import ops as steering
 from steerserve.kernels.steering.dense import steer_heads_dense, steer_residual_dense
 from steerserve.kernels.steering.ops import (
-    SteerMode,
+    MODE_ABLATE,
+    MODE_ADD,
+    MODE_CLAMP,
     steer_heads,
     steer_heads_torch,
     steer_heads_triton,
@@ -56,7 +58,7 @@ HEADS_IMPLS = [
     pytest.param(steer_heads_triton, id="triton", marks=requires_triton),
 ]
 
-ADD, ABLATE, CLAMP = int(SteerMode.ADD), int(SteerMode.ABLATE), int(SteerMode.CLAMP)
+ADD, ABLATE, CLAMP = MODE_ADD, MODE_ABLATE, MODE_CLAMP
 
 
 def _t(values: object, dtype: torch.dtype) -> torch.Tensor:

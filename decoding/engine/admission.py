@@ -1,0 +1,185 @@
+"""Placing a request's lanes: whether it can ever run here, slots and LoRA slots when it is
+admitted, the late lanes a method adds after the prefill, and freeing all of it."""
+
+from __future__ import annotations
+
+import torch
+
+from steerserve.decoding.engine.detokenizer import IncrementalDetokenizer
+from steerserve.decoding.engine.state import Sequence
+from steerserve.decoding.model.hosted import HostedModel, Lane
+from steerserve.decoding.request import EngineRequest, LaneSpec, OutputSink
+
+
+class Inadmissible(ValueError):
+    """The request can never run on this engine: `field` is the request field at fault."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def unique_specs(specs: tuple[LaneSpec, ...]) -> list[LaneSpec]:
+    unique: list[LaneSpec] = []
+    for spec in specs:
+        if not any(spec.same_as(u) for u in unique):
+            unique.append(spec)
+    return unique
+
+
+class Admission:
+    def __init__(self, models: dict[str, HostedModel]) -> None:
+        self.models = models
+
+    # ---- before it is queued (any thread) --------------------------------------------------
+    def check(self, request: EngineRequest) -> None:
+        """Raise Inadmissible when the request could never be admitted or would trip a step:
+        an unknown model, a lane prompt past its model's context, more lanes or adapters than
+        the model holds at once."""
+        unique = unique_specs(request.lanes)
+        lanes: dict[str, int] = {}
+        adapters: dict[str, set[int]] = {}
+        for spec in unique:
+            hosted = self.models.get(spec.model)
+            if hosted is None:
+                raise Inadmissible(f"model '{spec.model}' is not hosted here", "model")
+            if not 0 < len(spec.prompt_ids) < hosted.info.max_model_len:
+                raise Inadmissible(f"a lane on '{spec.model}' has {len(spec.prompt_ids)} prompt "
+                                   f"tokens; that model's context is {hosted.info.max_model_len}"
+                                   " tokens", "decoding" if len(request.lanes) > 1 else "prompt")
+            lanes[spec.model] = lanes.get(spec.model, 0) + 1
+            if spec.adapter is not None:
+                adapters.setdefault(spec.model, set()).add(id(spec.adapter))
+        lanes[request.model] = lanes.get(request.model, 0) + request.method.late_lanes
+        for name, count in lanes.items():
+            self._check_capacity(name, count, len(adapters.get(name, ())))
+
+    def _check_capacity(self, name: str, lanes: int, adapters: int) -> None:
+        hosted = self.models[name]
+        if lanes > hosted.num_slots:
+            raise Inadmissible(f"this request needs {lanes} KV-cache slots on '{name}', which "
+                               f"has {hosted.num_slots} (--max-num-seqs)", "decoding")
+        if adapters and hosted.lora_slots is None:
+            raise Inadmissible(f"model '{name}' runs no LoRA adapters", "model")
+        if adapters and adapters > hosted.lora_slots.bank.num_slots:
+            raise Inadmissible(f"this request uses {adapters} LoRA adapters at once; the server "
+                               f"holds at most {hosted.lora_slots.bank.num_slots} (--max-loras)",
+                               "decoding")
+
+    # ---- engine thread -----------------------------------------------------------------------
+    def place(self, request: EngineRequest, sink: OutputSink) -> Sequence | None:
+        """The request's lanes in free slots of their models; None = wait (no slot now).
+        Everything that can raise runs before a slot or an adapter is taken."""
+        specs = request.lanes
+        unique = unique_specs(specs)
+        if not self._slots_available(unique, request):
+            return None
+        sequence = self._sequence(request, sink)
+        lanes = [Lane(spec, sequence) for spec in unique]
+        sequence.lanes = [next(lane for lane in lanes if lane.spec.same_as(spec))
+                          for spec in specs]
+        sequence.lane_temperatures = [spec.temperature for spec in specs]
+        self._flag(sequence)
+        lora = self._acquire_lora(unique)
+        if lora is None:
+            return None  # every LoRA slot is pinned by running lanes: wait
+        for lane, slot in zip(lanes, lora, strict=True):
+            lane.lora_slot = slot
+            self.models[lane.spec.model].add(lane)
+        sequence.late_pending = request.method.late_lanes
+        self.models[request.model].reserved += sequence.late_pending
+        return sequence
+
+    def _slots_available(self, unique: list[LaneSpec], request: EngineRequest) -> bool:
+        needed = {request.model: request.method.late_lanes}
+        for spec in unique:
+            needed[spec.model] = needed.get(spec.model, 0) + 1
+        return all(self.models[name].free_slots >= count for name, count in needed.items())
+
+    def _acquire_lora(self, unique: list[LaneSpec]) -> list[int] | None:
+        taken: list[tuple[HostedModel | None, int]] = []
+        for spec in unique:
+            if spec.adapter is None:
+                taken.append((None, -1))
+                continue
+            hosted = self.models[spec.model]
+            slot = hosted.lora_slots.acquire(spec.adapter)
+            if slot is None:
+                for owner, held in taken:
+                    if held >= 0:
+                        owner.lora_slots.release(held)
+                return None
+            taken.append((hosted, slot))
+        return [slot for _, slot in taken]
+
+    def _sequence(self, request: EngineRequest, sink: OutputSink) -> Sequence:
+        params = request.sampling
+        hosted = self.models[request.model]
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(hosted.loaded.device).manual_seed(params.seed)
+        detokenizer = IncrementalDetokenizer.for_prompt(
+            hosted.info.tokenizer, list(request.prompt_ids), stop=params.stop,
+            include_stop=params.include_stop_str_in_output,
+            skip_special_tokens=params.skip_special_tokens)
+        return Sequence(request, sink, detokenizer, generator, eos_ids=hosted.info.eos_ids)
+
+    @staticmethod
+    def _flag(sequence: Sequence, positions: range | None = None) -> None:
+        """What each lane keeps from its forwards, as the method asks."""
+        method = sequence.request.method
+        scoring = sequence.params.prompt_logprobs is not None
+        wanted = method.prompt_logits_lanes(scoring)
+        for position in range(len(sequence.lanes)) if positions is None else positions:
+            lane = sequence.lanes[position]
+            lane.wants_prompt_logits = lane.wants_prompt_logits or position in wanted
+            lane.capture_layers = lane.capture_layers or method.capture_layers(position)
+
+    # ---- late lanes (engine thread, inside a step) -------------------------------------------
+    def late_lanes(self, sequence: Sequence, view) -> list[Lane]:
+        """Create the method's late lanes once (a step run again finds them made); returns
+        those still to prefill."""
+        if sequence.late_pending:
+            self._start_late(sequence, view)
+        return [lane for lane in sequence.lanes[len(sequence.request.lanes):]
+                if not lane.prefilled]
+
+    def _start_late(self, sequence: Sequence, view) -> None:
+        specs = sequence.request.method.after_prefill(view)
+        if len(specs) != sequence.late_pending:
+            raise ValueError(f"{sequence.request.method.name} promised "
+                             f"{sequence.late_pending} late lanes and made {len(specs)}")
+        hosted = self.models[sequence.request.model]
+        lanes = [Lane(spec, sequence, lora_slot=self._late_lora(sequence, spec, hosted))
+                 for spec in specs]
+        first = len(sequence.lanes)
+        hosted.reserved -= sequence.late_pending
+        sequence.late_pending = 0
+        for lane in lanes:
+            hosted.add(lane)
+            sequence.lanes.append(lane)
+            sequence.lane_temperatures.append(lane.spec.temperature)
+        self._flag(sequence, range(first, len(sequence.lanes)))
+
+    @staticmethod
+    def _late_lora(sequence: Sequence, spec: LaneSpec, hosted: HostedModel) -> int:
+        if spec.model != hosted.name:
+            raise ValueError("late lanes run on the model of the request's first lane")
+        if spec.adapter is None:
+            return -1
+        if all(lane.spec.adapter is not spec.adapter for lane in sequence.lanes):
+            raise ValueError("late lanes may only use adapters the request already holds")
+        return hosted.lora_slots.acquire(spec.adapter)  # resident and pinned: never None
+
+    # ---- leaving -------------------------------------------------------------------------------
+    def release(self, leaving: list[Sequence]) -> None:
+        """Free every lane of the leaving requests (slots compacted per hosted model)."""
+        by_model: dict[str, list[Lane]] = {}
+        for s in leaving:
+            for lane in s.unique_lanes:
+                if lane.slot >= 0:
+                    by_model.setdefault(lane.spec.model, []).append(lane)
+            self.models[s.request.model].reserved -= s.late_pending
+            s.late_pending = 0
+        for name, lanes in by_model.items():
+            self.models[name].release(lanes)
