@@ -7,9 +7,8 @@ names its hosted model, prompt, adapter and steering). Nothing else travels to t
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
@@ -46,7 +45,6 @@ class EngineRequest:
     prompt_ids: tuple[int, ...]  # the request's own prompt (echoed, counted in usage)
     sampling: SamplingParams
     method: DecodingMethod  # owns the lanes; `Plain` for a single-lane request
-    arrival: float = field(default_factory=time.monotonic)
 
     @property
     def lanes(self) -> tuple[LaneSpec, ...]:

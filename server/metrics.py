@@ -22,6 +22,8 @@ class _EngineCounters:
                                   value=stats.prompt_tokens)
         yield CounterMetricFamily("steerserve_generation_tokens", "Tokens generated",
                                   value=stats.generation_tokens)
+        yield CounterMetricFamily("steerserve_engine_steps", "Engine steps run",
+                                  value=stats.steps)
         finished = CounterMetricFamily("steerserve_requests_finished",
                                        "Sequences finished, by reason", labels=["reason"])
         for reason, count in sorted(stats.finished.items()):

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import os
+import tempfile
 from pathlib import Path
 
 import torch
+
+# No test may write to the user's home directory (default settings put vectors under ~):
+# every test, and every server it starts, sees a throwaway home.
+os.environ["HOME"] = tempfile.mkdtemp(prefix="steerserve-test-home-")
 
 # Triton reads TRITON_INTERPRET when it is first imported (transformers may import it), so
 # the kernel tests' CPU interpreter must be chosen here, before anything else loads.
@@ -30,13 +36,36 @@ def llama(tokenizer) -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
+def llama_reference(tokenizer):
+    """The same weights as `llama`, in a model no engine ever touched (HF generate oracle)."""
+    return tiny_llama(len(tokenizer))
+
+
+@pytest.fixture(scope="session")
 def qwen2(tokenizer) -> LoadedModel:
     return from_pretrained_objects(tiny_qwen2(len(tokenizer)), tokenizer, "tiny-qwen2")
 
 
 @pytest.fixture(scope="session")
-def smollm2() -> LoadedModel:
-    return load_model("SmolLM2-135M-Instruct", dtype="float32", max_model_len=1024)
+def qwen2_reference(tokenizer):
+    return tiny_qwen2(len(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def smollm2_pair() -> tuple[LoadedModel, torch.nn.Module]:
+    """The embedded model, and a copy taken before any engine installs its hooks."""
+    loaded = load_model("SmolLM2-135M-Instruct", dtype="float32", max_model_len=1024)
+    return loaded, copy.deepcopy(loaded.model)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_pair) -> LoadedModel:
+    return smollm2_pair[0]
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_pair) -> torch.nn.Module:
+    return smollm2_pair[1]
 
 
 @pytest.fixture(scope="session")

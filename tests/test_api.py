@@ -127,6 +127,18 @@ def test_completions_text_and_token_prompts(client, tokenizer):
     assert [c.index for c in two.choices] == [0, 1, 2, 3]
 
 
+def test_token_counters_follow_the_requests(client, tiny_server):
+    before = {name: tiny_server.metric(name) for name in (
+        "steerserve_prompt_tokens_total", "steerserve_generation_tokens_total")}
+    reply = client.completions.create(model="tiny", prompt=[1, 5, 9, 13, 4, 22, 40],
+                                      max_tokens=3, temperature=0, n=2,
+                                      extra_body={"ignore_eos": True})
+    assert tiny_server.metric("steerserve_prompt_tokens_total") - \
+        before["steerserve_prompt_tokens_total"] == 2 * 7  # each choice prefills its prompt
+    assert tiny_server.metric("steerserve_generation_tokens_total") - \
+        before["steerserve_generation_tokens_total"] == reply.usage.completion_tokens == 6
+
+
 def test_echo_logprobs_score_the_prompt(client):
     reply = client.completions.create(model="tiny", prompt="The capital of France is",
                                       max_tokens=0, echo=True, logprobs=1)

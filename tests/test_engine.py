@@ -28,6 +28,7 @@ def encode(tokenizer, text: str) -> list[int]:
 @pytest.mark.parametrize("model_name", ["llama", "qwen2"])
 def test_batched_greedy_equals_hf_generate(request, model_name):
     loaded = request.getfixturevalue(model_name)
+    reference = request.getfixturevalue(f"{model_name}_reference")
     engine = make_engine(loaded)
     collector = Collector()
     prompts = [encode(loaded.tokenizer, p) for p in PROMPTS]
@@ -35,11 +36,11 @@ def test_batched_greedy_equals_hf_generate(request, model_name):
         collector.submit(engine, str(i), prompt, GREEDY)
     run_to_completion(engine)
     for i, prompt in enumerate(prompts):
-        assert collector.tokens(str(i)) == hf_greedy(loaded.model, prompt, 12)
+        assert collector.tokens(str(i)) == hf_greedy(reference, prompt, 12)
         assert collector.last(str(i)).finish_reason == FinishReason.LENGTH
 
 
-def test_requests_joining_mid_flight_match_hf(llama):
+def test_requests_joining_mid_flight_match_hf(llama, llama_reference):
     engine = make_engine(llama)
     collector = Collector()
     prompts = [encode(llama.tokenizer, p) for p in PROMPTS]
@@ -49,10 +50,10 @@ def test_requests_joining_mid_flight_match_hf(llama):
             engine.step()
     run_to_completion(engine)
     for i, prompt in enumerate(prompts):
-        assert collector.tokens(str(i)) == hf_greedy(llama.model, prompt, 12)
+        assert collector.tokens(str(i)) == hf_greedy(llama_reference, prompt, 12)
 
 
-def test_more_requests_than_slots_queue_and_complete(llama):
+def test_more_requests_than_slots_queue_and_complete(llama, llama_reference):
     engine = make_engine(llama, max_num_seqs=2)
     collector = Collector()
     prompts = [encode(llama.tokenizer, p) for p in PROMPTS]
@@ -62,11 +63,11 @@ def test_more_requests_than_slots_queue_and_complete(llama):
     assert engine.num_running == 2 and engine.num_waiting == 2
     run_to_completion(engine)
     for i, prompt in enumerate(prompts):
-        assert collector.tokens(str(i)) == hf_greedy(llama.model, prompt, 12)
+        assert collector.tokens(str(i)) == hf_greedy(llama_reference, prompt, 12)
     assert engine.num_running == 0
 
 
-def test_abort_frees_slot_and_keeps_others_correct(llama):
+def test_abort_frees_slot_and_keeps_others_correct(llama, llama_reference):
     """Aborting a lane in the middle of the slots moves the last lane into its place."""
     engine = make_engine(llama)
     collector = Collector()
@@ -83,10 +84,10 @@ def test_abort_frees_slot_and_keeps_others_correct(llama):
     run_to_completion(engine)
     assert engine.num_running == 0 and engine.num_waiting == 0
     for i in (0, 2, 3):
-        assert collector.tokens(str(i)) == hf_greedy(llama.model, prompts[i], 12)
+        assert collector.tokens(str(i)) == hf_greedy(llama_reference, prompts[i], 12)
 
 
-def test_abort_of_waiting_request(llama):
+def test_abort_of_waiting_request(llama, llama_reference):
     engine = make_engine(llama, max_num_seqs=1)
     collector = Collector()
     prompts = [encode(llama.tokenizer, p) for p in PROMPTS[:2]]
@@ -97,7 +98,7 @@ def test_abort_of_waiting_request(llama):
     run_to_completion(engine)
     assert collector.last("b").finish_reason == FinishReason.ABORT
     assert collector.tokens("b") == []
-    assert collector.tokens("a") == hf_greedy(llama.model, prompts[0], 12)
+    assert collector.tokens("a") == hf_greedy(llama_reference, prompts[0], 12)
 
 
 def test_seeded_sampling_independent_of_batch(llama):
@@ -208,7 +209,7 @@ def test_context_limit_finishes_with_length(tokenizer):
     assert collector.last("c").finish_reason == FinishReason.LENGTH
 
 
-def test_engine_thread_survives_a_failing_step(llama):
+def test_engine_thread_survives_a_failing_step(llama, llama_reference):
     """A step that raises fails the lanes in it with an error output; the engine goes on."""
     engine = make_engine(llama)
     done = threading.Event()
@@ -227,7 +228,7 @@ def test_engine_thread_survives_a_failing_step(llama):
         while not (collector.outputs["good"] and collector.last("good").finished):
             done.wait(0.05)
             assert time.monotonic() < deadline + 30
-        assert collector.tokens("good") == hf_greedy(llama.model, prompt, 12)
+        assert collector.tokens("good") == hf_greedy(llama_reference, prompt, 12)
         assert engine.num_running == 0
     finally:
         engine.stop()

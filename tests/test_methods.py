@@ -16,6 +16,7 @@ from steerserve.decoding.engine.core import Engine, EngineConfig
 from steerserve.decoding.methods.base import DecodingMethod
 from steerserve.decoding.methods.contrastive import Contrastive
 from steerserve.decoding.methods.dola import DoLa
+from steerserve.decoding.methods.logit_arithmetic import LogitArithmetic
 from steerserve.decoding.methods.plain import Plain
 from steerserve.decoding.methods.proxy_tuning import ProxyTuning
 from steerserve.decoding.methods.sh2 import SH2
@@ -206,6 +207,24 @@ def test_dola(engine, models):
     assert_matches(got, reference_loop(prompt, score))
 
 
+def test_logit_arithmetic(engine, models):
+    """EFT-style: base + 1.5 * (expert at T 0.7 - small), over log-softmaxes."""
+    _, ref = models
+    prompt = PROMPTS[2]
+    method = LogitArithmetic((LaneSpec("base", tuple(prompt)),
+                              LaneSpec("expert", tuple(prompt), temperature=0.7),
+                              LaneSpec("small", tuple(prompt))), (1.0, 1.5, -1.5))
+
+    def score(out):
+        ids = prompt + out
+        return (lsm(last_logits(ref["base"], ids))
+                + 1.5 * (lsm(last_logits(ref["expert"], ids) / 0.7)
+                         - lsm(last_logits(ref["small"], ids))))
+
+    [got] = run_engine(engine, [(prompt, method)])
+    assert_matches(got, reference_loop(prompt, score))
+
+
 def test_mixed_methods_in_one_batch_equal_each_alone(engine, tokenizer):
     jobs = [
         (PROMPTS[0], ProxyTuning(lanes(("base", PROMPTS[0]), ("expert", PROMPTS[0]),
@@ -215,6 +234,8 @@ def test_mixed_methods_in_one_batch_equal_each_alone(engine, tokenizer):
         (PROMPTS[1], Contrastive(lanes(("base", PROMPTS[1]), ("base", PROMPTS[1][-1:])),
                                  variant="li2022")),
         (PROMPTS[0], DoLa(lanes(("deep", PROMPTS[0])), layers=(0, 2), relative_top=0.1)),
+        (PROMPTS[2], LogitArithmetic(lanes(("base", PROMPTS[2]), ("small", PROMPTS[2])),
+                                     (0.5, 0.5))),
     ]
     alone = [run_engine(engine, [job])[0] for job in jobs]
     together = run_engine(engine, jobs)

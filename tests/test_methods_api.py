@@ -121,6 +121,40 @@ def test_compose_with_adapter_steering_and_adaptive_temperature(client):
     assert len(out.choices[0].model_extra["temperatures"]) == out.usage.completion_tokens
 
 
+def arithmetic(*terms: tuple[str, float]) -> dict:
+    return {"method": "logit_arithmetic",
+            "terms": [{"model": model, "weight": weight} for model, weight in terms]}
+
+
+def test_logit_arithmetic_recovers_plain_and_the_expert(client):
+    plain = complete(client)
+    assert complete(client, arithmetic(("tiny", 1.0))).choices[0].text == plain.choices[0].text
+    expert = client.completions.create(model="expert", prompt=PROMPT, max_tokens=8,
+                                       temperature=0, extra_body={"ignore_eos": True})
+    # log p_tiny + (log p_expert - log p_tiny): the expert's distribution exactly
+    out = complete(client, arithmetic(("tiny", 1.0), ("expert", 1.0), ("tiny", -1.0)))
+    assert out.choices[0].text == expert.choices[0].text
+    assert out.model_extra["decoding"]["terms"][1] == {"model": "expert", "weight": 1.0}
+
+
+def test_logit_arithmetic_mixes_an_adapter_with_steering_streamed(client):
+    mixture = arithmetic(("tiny", 0.5), ("lora", 0.5))
+    body = {"decoding": mixture, "steering": [{"values": [0.5] * 64, "layers": [0]}],
+            "ignore_eos": True}
+    whole = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, n=2, seed=1,
+                                      temperature=0.7, extra_body=body)
+    streamed = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, n=2,
+                                         seed=1, temperature=0.7, stream=True, extra_body=body)
+    texts = ["", ""]
+    for chunk in streamed:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == [c.text for c in sorted(whole.choices, key=lambda c: c.index)]
+    plain = complete(client, steering=body["steering"])
+    assert complete(client, mixture, steering=body["steering"]).choices[0].text != \
+        plain.choices[0].text
+
+
 BAD = [
     ({"method": "proxy_tuning", "expert": "expert"}, 400, "decoding.anti_expert"),
     ({"method": "proxy_tuning", "expert": "nope", "anti_expert": "tiny"}, 404,
@@ -133,6 +167,14 @@ BAD = [
     ({"method": "dola", "layers": "high"}, 400, "decoding.layers"),
     ({"method": "beam"}, 400, "decoding.method"),
     ({"method": "sh2", "alpha": -1}, 400, "decoding.alpha"),
+    (arithmetic(("expert", 1.0)), 400, "decoding.terms"),  # the request's model is missing
+    (arithmetic(("tiny", 1.0), ("nope", 1.0)), 404, "decoding.terms.1.model"),
+    (arithmetic(("tiny", 1.0), ("stranger", 1.0)), 400, "decoding.terms.1.model"),
+    (arithmetic(("tiny", 1000.0)), 400, "decoding.terms.0.weight"),
+    (arithmetic(*[("tiny", 1.0)] * 9), 400, "decoding.terms"),
+    ({"method": "logit_arithmetic", "terms": [{"model": "tiny", "weight": 1, "bias": 2}]},
+     400, "decoding.terms.0.bias"),
+    ({"method": "logit_arithmetic", "terms": []}, 400, "decoding.terms"),
 ]
 
 

@@ -17,7 +17,7 @@ from steerserve.decoding.sampling.params import SamplingParams
 pytestmark = pytest.mark.slow
 
 
-def test_batched_greedy_equals_hf_generate(smollm2):
+def test_batched_greedy_equals_hf_generate(smollm2, smollm2_reference):
     tokenizer = smollm2.tokenizer
     prompts = [
         tokenizer.apply_chat_template([{"role": "user", "content": q}],
@@ -32,7 +32,7 @@ def test_batched_greedy_equals_hf_generate(smollm2):
                          SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
     run_to_completion(engine)
     for i, prompt in enumerate(prompts):
-        assert collector.tokens(str(i)) == hf_greedy(smollm2.model, list(prompt), 24)
+        assert collector.tokens(str(i)) == hf_greedy(smollm2_reference, list(prompt), 24)
 
 
 UPPERCASE = Path(__file__).resolve().parent.parent / "examples" / "adapters" / "uppercase"

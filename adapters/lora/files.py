@@ -20,11 +20,9 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from re import _constants as sre_constants
-from re import _parser as sre_parser
 from typing import Any
 
 import torch
@@ -32,9 +30,13 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from steerserve.adapters.errors import AdapterError
+from steerserve.adapters.lora.paths import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    resolve_adapter_path,  # noqa: F401 (re-exported for server/routes/lora.py)
+)
+from steerserve.adapters.lora.targets import _BaseLayers, _module_selector
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -63,10 +65,6 @@ _BASE_PRESERVING_INITS = {True, False, "gaussian", "eva", "orthogonal", "mica"}
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 _WEIGHT_KEY = re.compile(r"base_model\.model\.(?P<module>.+?)\.lora_(?P<side>[AB])"
                          r"(?:\.[^.]+)?\.weight")  # optional adapter name: .lora_A.default.weight
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
-_MAX_REGEX_LENGTH = 256
-_MAX_REGEX_REPEATS = 4
-_REPEATS = {sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT, sre_constants.POSSESSIVE_REPEAT}
 
 
 @dataclass(frozen=True)
@@ -79,49 +77,6 @@ class LoraAdapter:
     target_modules: tuple[str, ...]  # short names with weights, e.g. ("q_proj", "v_proj")
     # module path -> (A (r, in), B (out, r)), contiguous, in the requested dtype
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(repr=False, compare=False)
-
-
-# ---- paths ------------------------------------------------------------------------------
-
-
-def resolve_adapter_path(requested: str, root: Path | None, param: str = "lora_path") -> Path:
-    """The adapter directory for `requested`, resolved (symlinks followed) and confined to
-    `root`. root=None accepts only absolute paths and confines nothing: it is meant for paths
-    the operator gave at start-up (--lora NAME=PATH); paths from requests must have a root.
-    (Confinement is checked, not enforced at open time: whoever can write inside the root can
-    still swap files afterwards, so the root must not be writable by clients.)"""
-    if not requested or "\x00" in requested:
-        raise AdapterError("the adapter path is empty or contains a NUL byte", param=param)
-    path = Path(requested)
-    if root is None and not path.is_absolute():
-        raise AdapterError(f"relative adapter path '{requested}' needs an adapter root",
-                           param=param)
-    base = root.resolve() if root is not None else None
-    resolved = _resolve(base / path if base is not None else path, requested, param)
-    if base is not None:
-        _ensure_inside(resolved, base, requested, param)
-    if not resolved.exists():
-        raise AdapterError(f"adapter directory '{requested}' not found", 404, param)
-    if not resolved.is_dir():
-        raise AdapterError(f"adapter path '{requested}' is not a directory", param=param)
-    if base is not None:
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            _ensure_inside(_resolve(resolved / name, requested, param), base, requested, param)
-    return resolved
-
-
-def _resolve(path: Path, requested: str, param: str) -> Path:
-    try:
-        return path.resolve()
-    except (OSError, RuntimeError) as err:  # symlink loops
-        raise AdapterError(f"adapter path '{requested}' cannot be resolved", param=param) from err
-
-
-def _ensure_inside(path: Path, base: Path, requested: str, param: str) -> None:
-    # The root's location is not echoed back: clients need not learn the server's layout.
-    if not path.is_relative_to(base):
-        raise AdapterError(f"adapter path '{requested}' leads outside the adapter root "
-                           "('..', an absolute path or a symlink)", param=param)
 
 
 # ---- loading ------------------------------------------------------------------------------
@@ -138,13 +93,6 @@ def load_lora_adapter(name: str, path: Path, base_model: nn.Module | Mapping[str
     except AdapterError as err:
         err.param = err.param or param
         raise
-
-
-@dataclass(frozen=True)
-class _BaseLayers:
-    linears: dict[str, nn.Linear]
-    others: frozenset[str]  # non-Linear module paths, only to explain a bad target
-    output: str | None  # the output layer, left out of "all-linear"
 
 
 def _linear_layers(base_model: nn.Module | Mapping[str, nn.Linear]) -> _BaseLayers:
@@ -215,117 +163,6 @@ def _refuse_unsupported(config: dict[str, Any]) -> None:
     if not isinstance(init, bool | str) or init not in _BASE_PRESERVING_INITS:
         raise AdapterError(f"init_lora_weights={init!r} rewrites the base weights; convert the "
                            "adapter (peft path_initial_model_for_weight_conversion) first")
-
-
-# ---- which modules the config selects --------------------------------------------------------
-
-
-def _module_selector(config: dict[str, Any], base: _BaseLayers) -> Callable[[str], bool]:
-    """peft's target matching: target_modules, minus exclude_modules, within the layers."""
-    targets = config.get("target_modules")
-    if not targets:
-        raise AdapterError("target_modules is missing or empty")
-    target = _target_matcher(targets, "target_modules", base)
-    _check_targets_exist(targets, target, base)
-    excluded = config.get("exclude_modules")
-    exclude = _target_matcher(excluded, "exclude_modules", base) if excluded else None
-    in_layers = _layer_filter(config, targets)
-    return lambda path: target(path) and in_layers(path) and not (exclude and exclude(path))
-
-
-def _target_matcher(spec: object, key: str, base: _BaseLayers) -> Callable[[str], bool]:
-    if isinstance(spec, str) and spec.lower() == "all-linear":
-        return lambda path: path in base.linears and path != base.output
-    if isinstance(spec, str) and _PLAIN_NAME.fullmatch(spec):
-        spec = [spec]
-    if isinstance(spec, str):
-        pattern = _screened_regex(spec, key)
-        return lambda path: pattern.fullmatch(path) is not None
-    if not isinstance(spec, list) or not all(isinstance(n, str) and n for n in spec):
-        raise AdapterError(f"{key} must be a list of module names or a string")
-    names = frozenset(spec)
-    return lambda path: path in names or any(path.endswith("." + n) for n in names)
-
-
-def _check_targets_exist(spec: object, target: Callable[[str], bool], base: _BaseLayers) -> None:
-    """Each target must name Linear layers of the base model, and only Linear layers."""
-    entries = spec if isinstance(spec, list) else [spec]
-    for entry in entries:
-        matcher = target if isinstance(spec, str) else _target_matcher([entry], "", base)
-        non_linear = sorted(p for p in base.others if p and matcher(p))
-        if non_linear:
-            raise AdapterError(f"target_modules entry {entry!r} selects '{non_linear[0]}', "
-                               "which is not a Linear layer (only Linear layers are supported)")
-        if not any(matcher(p) for p in base.linears):
-            raise AdapterError(f"target module {entry!r} is not found among the base model's "
-                               "Linear layers")
-
-
-def _screened_regex(pattern: str, key: str) -> re.Pattern[str]:
-    """Compile a target regex, refusing shapes that can backtrack exponentially."""
-    if len(pattern) > _MAX_REGEX_LENGTH:
-        raise AdapterError(f"{key} regex is longer than {_MAX_REGEX_LENGTH} characters")
-    try:
-        risks = list(_repetition_risks(sre_parser.parse(pattern), inside=False))
-    except re.error as err:
-        raise AdapterError(f"{key} is not a valid regular expression: {err}") from err
-    if any(risks) or len(risks) > _MAX_REGEX_REPEATS:
-        raise AdapterError(f"{key} regex {pattern!r} is too complex (nested repetition, a "
-                           f"repeated alternation or more than {_MAX_REGEX_REPEATS} repetitions)")
-    return re.compile(pattern)
-
-
-def _repetition_risks(items: Any, inside: bool) -> Iterator[bool]:
-    """One item per repetition in a parsed regex: True when it sits inside another repetition;
-    also True for an alternation inside a repetition."""
-    for op, arg in items:
-        repeat = op in _REPEATS and arg[1] > 1
-        if repeat or (inside and op is sre_constants.BRANCH):
-            yield inside
-        for child in _subpatterns(arg):
-            yield from _repetition_risks(child, inside or repeat)
-
-
-def _subpatterns(arg: Any) -> Iterator[Any]:
-    if isinstance(arg, sre_parser.SubPattern):
-        yield arg
-    elif isinstance(arg, list | tuple):
-        for item in arg:
-            yield from _subpatterns(item)
-
-
-def _layer_filter(config: dict[str, Any], targets: object) -> Callable[[str], bool]:
-    layers = config.get("layers_to_transform")
-    if layers is None or layers == []:
-        return lambda _: True
-    if isinstance(targets, str):  # peft refuses this combination too
-        raise AdapterError("layers_to_transform cannot be combined with a string target_modules")
-    indexes = [layers] if isinstance(layers, int) else layers
-    if not isinstance(indexes, list) or not all(_is_int(i) for i in indexes):
-        raise AdapterError(f"layers_to_transform must be an int or a list of ints, got {layers!r}")
-    regexes = _layer_index_regexes(config.get("layers_pattern"))
-    return lambda path: _layer_index(path, regexes) in indexes
-
-
-def _layer_index_regexes(patterns: object) -> list[re.Pattern[str]]:
-    if not patterns:  # peft: the first number that follows a dotted name
-        return [re.compile(r".*?\.[^.]*\.(\d+)\.")]
-    patterns = [patterns] if isinstance(patterns, str) else patterns
-    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
-        raise AdapterError(f"layers_pattern must be a string or a list, got {patterns!r}")
-    return [re.compile(rf"(?:^|.*?\.){re.escape(p)}\.(\d+)\.") for p in patterns]
-
-
-def _layer_index(path: str, regexes: list[re.Pattern[str]]) -> int | None:
-    for regex in regexes:
-        match = regex.match(path)
-        if match:
-            return int(match.group(1))
-    return None
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # ---- weights ---------------------------------------------------------------------------------

@@ -3,7 +3,6 @@ detokenization, logprob records) and hears about it; finished requests are colle
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 from steerserve.decoding.engine.compute import RowOutcome, StepOutcome
@@ -60,8 +59,6 @@ class Output:
         params = s.params
         s.output_ids.append(token)
         self.stats.generation_tokens += 1
-        if s.first_token_time is None:
-            s.first_token_time = time.monotonic()
         if token in params.stop_token_ids or (token in s.eos_ids and not params.ignore_eos):
             s.finish_reason = FinishReason.STOP
         else:

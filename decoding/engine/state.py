@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -25,9 +24,7 @@ class Sequence:
     lane_temperatures: list[float] = field(default_factory=list)  # per position in `lanes`
     late_pending: int = 0  # late lanes still to join (their slots are reserved)
     finish_reason: FinishReason | None = None
-    first_token_time: float | None = None
     sequence_temperature: float | None = None  # a learned head's once-per-response choice
-    started: float = field(default_factory=time.monotonic)
 
     @property
     def request_id(self) -> str:

@@ -75,9 +75,6 @@ class SlotKVCache:
             keys[target, :, :length] = keys[source, :, :length]
             values[target, :, :length] = values[source, :, :length]
 
-    def copy_prefix(self, source: int, target: int, length: int) -> None:
-        self.move_slot(source, target, length)
-
 
 class CacheWindow:
     """What one forward sees: the duck-typed cache object the HF attention layers call."""

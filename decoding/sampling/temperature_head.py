@@ -103,10 +103,6 @@ class TemperatureHead(nn.Module):
         temps = torch.tensor(config.temperatures, dtype=torch.float32)
         self.register_buffer("temperatures", temps, persistent=False)
 
-    @property
-    def num_temperatures(self) -> int:
-        return len(self.config.temperatures)
-
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden (N, H) -> (N, T); computed in fp32 whatever the model's dtype.
         weight = next(self.parameters())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from steerserve.kernels.steering.ops import (
+from steerserve.kernels.steering.checks import (
     MODE_ADD,
     MODE_CLAMP,
     _check_heads,

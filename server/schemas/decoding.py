@@ -103,8 +103,3 @@ class DecodingSchemas:
             return APIError(400, f"'{err.param}' does not apply to method '{method}' (it "
                             f"takes {takes})", param, err.code)
         return APIError(400, err.message.replace(err.param, param, 1), param, err.code)
-
-    def json_schema(self) -> dict:
-        """For the OpenAPI document: any one of the methods' bodies."""
-        return {"oneOf": [model.model_json_schema() for model in self.models.values()],
-                "discriminator": {"propertyName": "method"}}
