@@ -14,13 +14,13 @@ from fastapi.responses import JSONResponse
 from steerserve.adapters.errors import AdapterError
 from steerserve.adapters.steering.store import VectorStore
 from steerserve.decoding.engine.client import EngineClient
-from steerserve.decoding.engine.core import Engine, EngineConfig
+from steerserve.decoding.engine.core import Engine, EngineConfig, EngineUnavailable
 from steerserve.decoding.methods.registry import MethodRegistry
 from steerserve.decoding.model.loader import LoadedModel
 from steerserve.decoding.sampling.temperature_head import TemperatureHead, load_temperature_head
 from steerserve.server.auth import check_api_key
 from steerserve.server.context import ServingContext
-from steerserve.server.errors import install_error_handlers
+from steerserve.server.errors import error_response, install_error_handlers
 from steerserve.server.metrics import Metrics
 from steerserve.server.routes.chat import chat_completions
 from steerserve.server.routes.completions import completions
@@ -122,6 +122,10 @@ def create_app(ctx: ServingContext) -> FastAPI:
 
     app = FastAPI(title="steerserve", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_error_handlers(app)
+
+    @app.exception_handler(EngineUnavailable)
+    async def engine_unavailable(_: Request, exc: EngineUnavailable) -> JSONResponse:
+        return error_response(503, str(exc), code="engine_unavailable")
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):

@@ -234,6 +234,10 @@ def test_engine_death_answers_503_at_once(llama):
         assert outcome["json"].status_code == 503
         after = live.post("/v1/completions", body(max_tokens=2))
         assert after.status_code == 503 and after.json()["error"]["code"] == "engine_unavailable"
+        extraction = live.post("/v1/steering/vectors", {
+            "name": "v", "model": "tiny-llama", "positive": ["good", "fine"],
+            "negative": ["bad", "poor"], "method": "mean_diff"})
+        assert extraction.status_code == 503, extraction.text
         health = httpx.get(f"{live.base_url}/health")
         assert health.status_code == 503 and "injected engine fault" in health.json()["reason"]
     finally:
