@@ -49,8 +49,9 @@ class StepComputer:
     def __call__(self, requests: list[Sequence], admitted: list[Sequence]) -> StepOutcome:
         results = self._forward(requests, lambda s: s.unique_lanes)
         joining = [s for s in requests if s in admitted]
-        results.update(self._forward(joining, lambda s: self.admission.late_lanes(
-            s, StepView(s, results))))
+        results.update(self._forward(joining, lambda s: [
+            late for late in self.admission.late_lanes(s, StepView(s, results))
+            if late not in results]))  # a step computed again already prefilled them
         views = [StepView(s, results) for s in requests]
         return StepOutcome(results, self._sample(requests, views, joining))
 
