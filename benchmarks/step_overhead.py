@@ -112,7 +112,7 @@ def temperature_costs(runner: ModelRunner, repeats: int) -> dict[str, float]:
             if rule is not None and rule.method == "learned":  # one batch, as the engine does
                 given = rule.head.choose(out.hidden, True)[1].tolist()
             states = [RowState(SamplingParams(temperature=0.8, top_p=0.95, adaptive=rule),
-                               [], [], None, given[i]) for i in range(rows)]
+                               given_temperature=given[i]) for i in range(rows)]
             sample(out.logits.clone(), states)
 
         cases[f"sampler: {name}"] = step

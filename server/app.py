@@ -18,7 +18,8 @@ from steerserve.decoding.engine.core import Engine, EngineConfig, EngineUnavaila
 from steerserve.decoding.methods.registry import MethodRegistry
 from steerserve.decoding.model.loader import LoadedModel
 from steerserve.decoding.sampling.temperature_head import TemperatureHead, load_temperature_head
-from steerserve.server.auth import check_api_key
+from steerserve.server import guards
+from steerserve.server.auth import check_admin_key, check_api_key
 from steerserve.server.context import ServingContext
 from steerserve.server.errors import error_response, install_error_handlers
 from steerserve.server.metrics import Metrics
@@ -30,6 +31,7 @@ from steerserve.server.routes.vectors import (
     describe_vector,
     extract_vector,
     list_vectors,
+    require_runtime_vectors,
 )
 from steerserve.server.schemas.decoding import DecodingSchemas
 from steerserve.server.settings import ServerSettings
@@ -73,14 +75,14 @@ def load_heads(settings: ServerSettings, model: LoadedModel) -> dict[str, Temper
 
 
 def load_vectors(settings: ServerSettings) -> VectorStore:
-    """The vectors directory, then each --steering-vector file (read, never copied)."""
+    """Each --steering-vector file (read, never copied), then the vectors directory."""
     directory = Path(settings.vectors_dir).expanduser() if settings.vectors_dir else None
     store = VectorStore(directory)
     try:
-        store.load_directory()
         for name, path in settings.steering_vectors:
             store.add_file(name, Path(path).expanduser())
             logger.info("loaded steering vector '%s' from %s", name, path)
+        store.load_directory()
     except AdapterError as exc:
         raise SystemExit(f"steering vectors: {exc}") from exc
     return store
@@ -119,9 +121,11 @@ def create_app(ctx: ServingContext) -> FastAPI:
         ctx.engine.start()
         yield
         ctx.engine.stop()
+        ctx.worker.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="steerserve", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_error_handlers(app)
+    guards.install(app, ctx.settings, ctx.draining)
 
     @app.exception_handler(EngineUnavailable)
     async def engine_unavailable(_: Request, exc: EngineUnavailable) -> JSONResponse:
@@ -137,7 +141,7 @@ def create_app(ctx: ServingContext) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if ctx.engine.is_alive():
+        if ctx.engine.is_alive() and not ctx.draining.is_set():
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "engine stopped", "reason": ctx.engine.death},
                             status_code=503)
@@ -163,12 +167,12 @@ def create_app(ctx: ServingContext) -> FastAPI:
 
     @app.post("/v1/load_lora_adapter")
     async def load_adapter(request: Request):
-        check_api_key(request, ctx.settings.api_key)
+        check_admin_key(request, ctx.settings)
         return await load_lora(request, ctx)
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_adapter(request: Request):
-        check_api_key(request, ctx.settings.api_key)
+        check_admin_key(request, ctx.settings)
         return await unload_lora(request, ctx)
 
     add_steering_routes(app, ctx)
@@ -178,7 +182,8 @@ def create_app(ctx: ServingContext) -> FastAPI:
 def add_steering_routes(app: FastAPI, ctx: ServingContext) -> None:
     @app.post("/v1/steering/vectors")
     async def extract(request: Request):
-        check_api_key(request, ctx.settings.api_key)
+        require_runtime_vectors(ctx)
+        check_admin_key(request, ctx.settings)
         return await extract_vector(request, ctx)
 
     @app.get("/v1/steering/vectors")
@@ -193,5 +198,6 @@ def add_steering_routes(app: FastAPI, ctx: ServingContext) -> None:
 
     @app.delete("/v1/steering/vectors/{name}")
     async def delete(request: Request, name: str):
-        check_api_key(request, ctx.settings.api_key)
+        require_runtime_vectors(ctx)
+        check_admin_key(request, ctx.settings)
         return await asyncio.to_thread(delete_vector, ctx, name)

@@ -94,6 +94,9 @@ def add_steering_options(parser: argparse.ArgumentParser) -> None:
                        help="load a steering (control) vector at start (repeatable): a "
                        "llama.cpp/repeng control-vector .gguf or a .safetensors with "
                        "direction.N tensors; requests use it as {\"vector\": NAME}")
+    group.add_argument("--allow-runtime-vectors", action="store_true",
+                       help="enable POST /v1/steering/vectors (extraction) and DELETE (admin; "
+                       "guarded by --admin-key or --api-key when set)")
     group.add_argument("--vectors-dir", default=DEFAULTS.vectors_dir,
                        help="directory where POST /v1/steering/vectors saves extracted vectors "
                        "(as NAME.safetensors) and from which they are reloaded at start; "
@@ -152,12 +155,28 @@ def add_http_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--api-key", default=None,
                        help="require 'Authorization: Bearer KEY' on /v1 routes "
                        "(default: $STEERSERVE_API_KEY; unset = no auth)")
+    group.add_argument("--admin-key", default=None,
+                       help="a separate key for the admin routes (adapter load/unload, vector "
+                       "create/delete); default: $STEERSERVE_ADMIN_KEY, else the API key")
+    group.add_argument("--allowed-origins", default="",
+                       help="comma-separated origins whose web pages may call the API (CORS, "
+                       "e.g. http://localhost:5173); default: none, browsers block them")
+    group.add_argument("--allowed-hosts", default="",
+                       help="comma-separated Host header values accepted besides 127.0.0.1, "
+                       "localhost and ::1 when bound to loopback (DNS-rebinding protection); "
+                       "'*' turns the check off")
+    group.add_argument("--drain-timeout", type=float, default=DEFAULTS.drain_timeout,
+                       help="seconds SIGTERM waits for requests in flight (new ones get 503)")
     group.add_argument("--max-body-bytes", type=int, default=DEFAULTS.max_body_bytes,
                        help="largest request body accepted (HTTP 413 beyond)")
     group.add_argument("--allow-request-chat-template", action="store_true",
                        help="accept a 'chat_template' field in chat requests (off: 400)")
     group.add_argument("--log-level", default=DEFAULTS.log_level,
                        choices=["debug", "info", "warning", "error"], help="log verbosity")
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
@@ -169,6 +188,10 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_prefill_tokens=args.max_prefill_tokens, max_n=args.max_n, max_stop=args.max_stop,
         max_body_bytes=args.max_body_bytes,
         api_key=args.api_key or os.environ.get("STEERSERVE_API_KEY") or None,
+        admin_key=args.admin_key or os.environ.get("STEERSERVE_ADMIN_KEY") or None,
+        allow_runtime_vectors=args.allow_runtime_vectors,
+        allowed_origins=_csv(args.allowed_origins), allowed_hosts=_csv(args.allowed_hosts),
+        drain_timeout=args.drain_timeout,
         allow_request_chat_template=args.allow_request_chat_template, threads=args.threads,
         log_level=args.log_level, loras=parse_loras(args.lora, args.adapter_dir),
         adapter_dir=args.adapter_dir, allow_runtime_lora=args.allow_runtime_lora,
@@ -180,10 +203,10 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 def serve(settings: ServerSettings) -> None:
     import torch
-    import uvicorn
 
     from steerserve.decoding.model.loader import load_model
     from steerserve.server.app import build_context, create_app
+    from steerserve.server.serving import DrainingServer, uvicorn_config
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -192,11 +215,10 @@ def serve(settings: ServerSettings) -> None:
     others = [load_model(path, name=name, dtype=settings.dtype, device=settings.device,
                          max_model_len=settings.max_model_len)
               for name, path in settings.extra_models]
-    app = create_app(build_context(settings, model, others))
+    ctx = build_context(settings, model, others)
     logging.getLogger(__name__).info("serving '%s' on http://%s:%d/v1", model.name,
                                      settings.host, settings.port)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                h11_max_incomplete_event_size=64 * 1024, timeout_graceful_shutdown=5)
+    DrainingServer(uvicorn_config(create_app(ctx), settings), ctx.draining).run()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
 
 from steerserve.adapters.lora.files import LoraAdapter
 from steerserve.adapters.steering.store import VectorStore
@@ -13,6 +19,8 @@ from steerserve.server.errors import APIError
 from steerserve.server.metrics import Metrics
 from steerserve.server.schemas.decoding import DecodingSchemas
 from steerserve.server.settings import ServerSettings
+
+Result = TypeVar("Result")
 
 
 @dataclass(frozen=True)
@@ -25,10 +33,19 @@ class ServingContext:
     temperature_heads: dict[str, TemperatureHead]
     decoding: DecodingSchemas  # the methods offered, as request schemas
     vocab_checks: dict[tuple[str, str], bool] = field(default_factory=dict)
+    # Request parsing, tokenization and chat templates run here, one at a time (fast
+    # tokenizers must not be used by two threads at once), never on the event loop.
+    worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
+        1, thread_name_prefix="steerserve-requests"))
+    draining: threading.Event = field(default_factory=threading.Event)  # set on SIGTERM
 
     @property
     def model_name(self) -> str:
         return self.engine.primary.name
+
+    async def off_loop(self, work: Callable[..., Result], *args) -> Result:
+        return await asyncio.get_running_loop().run_in_executor(self.worker,
+                                                                 partial(work, *args))
 
 
 @dataclass(frozen=True)

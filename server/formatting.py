@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass
 
@@ -22,7 +23,14 @@ LOGPROB_FLOOR = -9999.0
 
 
 def _finite(logprob: float | None) -> float | None:
-    return None if logprob is None else max(logprob, LOGPROB_FLOOR)
+    """JSON has no NaN either: a row the model made NaN reports the floor, not a 500."""
+    if logprob is None:
+        return None
+    return LOGPROB_FLOOR if math.isnan(logprob) else max(logprob, LOGPROB_FLOOR)
+
+
+def finite_temperatures(values: list[float] | tuple[float, ...]) -> list[float]:
+    return [0.0 if not math.isfinite(t) else t for t in values]
 
 
 def chat_logprobs(records: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> dict:

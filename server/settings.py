@@ -22,6 +22,11 @@ class ServerSettings:
     max_stop: int = 16
     max_body_bytes: int = 4 * 1024 * 1024
     api_key: str | None = None
+    admin_key: str | None = None  # admin routes (adapters, vector writes); None: the API key
+    allow_runtime_vectors: bool = False  # POST / DELETE /v1/steering/vectors
+    allowed_origins: tuple[str, ...] = ()  # CORS: pages on these origins may call the API
+    allowed_hosts: tuple[str, ...] = ()  # Host values accepted besides loopback names
+    drain_timeout: float = 30.0  # seconds SIGTERM waits for requests in flight
     allow_request_chat_template: bool = False
     threads: int | None = None
     loras: tuple[tuple[str, str], ...] = ()  # (name, path) loaded at start
@@ -37,3 +42,10 @@ class ServerSettings:
     @property
     def lora_enabled(self) -> bool:
         return bool(self.loras) or self.allow_runtime_lora
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in LOOPBACK_HOSTS
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")

@@ -4,15 +4,16 @@ the test can reach the engine to inject a fault."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
 import httpx
-import uvicorn
 from support import free_port
 
 from steerserve.server.app import create_app
 from steerserve.server.context import ServingContext
+from steerserve.server.serving import DrainingServer, uvicorn_config
 
 
 class InProcessServer:
@@ -20,9 +21,8 @@ class InProcessServer:
         self.ctx = ctx
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(ctx), host="127.0.0.1", port=self.port,
-                                log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
+        settings = dataclasses.replace(ctx.settings, port=self.port, log_level="warning")
+        self.server = DrainingServer(uvicorn_config(create_app(ctx), settings), ctx.draining)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + timeout

@@ -144,7 +144,7 @@ def test_full_queue_is_429(llama):
 
     async def call() -> httpx.Response:
         transport = httpx.ASGITransport(app=create_app(ctx))
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             queued = [asyncio.create_task(client.post(CHAT, json=body)) for _ in range(2)]
             while ctx.engine.num_waiting < 2:
                 await asyncio.sleep(0.01)

@@ -201,7 +201,8 @@ def test_stream_error_ends_with_done(server):
 
 
 def test_engine_death_answers_503_at_once(llama):
-    ctx = build_context(ServerSettings(vectors_dir=None, max_num_seqs=1), llama)
+    ctx = build_context(ServerSettings(vectors_dir=None, max_num_seqs=1,
+                                       allow_runtime_vectors=True), llama)
     live = InProcessServer(ctx)
     try:
         outcome: dict[str, object] = {}

@@ -6,12 +6,14 @@ import math
 
 import torch
 
+from steerserve.decoding.sampling.history import TokenHistory
 from steerserve.decoding.sampling.params import SamplingParams
 from steerserve.decoding.sampling.sampler import RowState, apply_penalties, sample, truncation_mask
 
 
 def row(**params) -> RowState:
-    return RowState(SamplingParams(**params), [], [], None)
+    sampling = SamplingParams(**params)
+    return RowState(sampling, TokenHistory.for_request(sampling, (), 3, torch.device("cpu")))
 
 
 def test_truncation_masks_top_k_top_p_min_p():
@@ -35,9 +37,12 @@ def test_rows_keep_their_own_truncation():
 
 def test_penalties():
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
-    state = RowState(SamplingParams(presence_penalty=0.5, frequency_penalty=0.25,
-                                    repetition_penalty=2.0), [3], [0, 0, 1], None)
-    apply_penalties(logits, [state])
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25,
+                            repetition_penalty=2.0)
+    history = TokenHistory.for_request(params, (3,), 4, torch.device("cpu"))
+    for token in (0, 0, 1):
+        history.add(token)
+    apply_penalties(logits, [RowState(params, history)])
     # token 0: repetition 2.0/2 = 1.0, then -(2 * 0.25 + 0.5) = 0.0
     # token 1: repetition -2*2 = -4, then -(0.25 + 0.5); token 3 (prompt): 0.5 / 2
     assert logits[0].tolist() == [0.0, -4.75, 1.0, 0.25]
@@ -54,7 +59,7 @@ def test_sampling_follows_the_distribution():
     probs = torch.tensor([0.7, 0.2, 0.1])
     counts = torch.zeros(3)
     for _ in range(3000):
-        state = RowState(SamplingParams(temperature=1.0), [], [], generator)
+        state = RowState(SamplingParams(temperature=1.0), None, generator)
         counts[sample(probs.log().unsqueeze(0), [state]).tokens[0]] += 1
     assert torch.allclose(counts / counts.sum(), probs, atol=0.03)
 

@@ -45,7 +45,8 @@ def server():
     # The README's default (the embedded model) plus the example adapter, in float32: these
     # tests compare greedy outputs across batch shapes, which bf16 rounding perturbs (a CPU
     # with native bf16 makes --dtype auto pick it), and their thresholds were set in float32.
-    live = LiveServer(["--lora", f"uppercase={UPPERCASE}", "--dtype", "float32"])
+    live = LiveServer(["--lora", f"uppercase={UPPERCASE}", "--dtype", "float32",
+                       "--allow-runtime-vectors"])
     yield live
     live.stop()
 

@@ -49,7 +49,8 @@ def server(tiny_model_dir, repeng_vector, tmp_path_factory):
     save_file(other, str(vectors_dir / "narrow.safetensors"))
     live = LiveServer(["--model", str(tiny_model_dir), "--served-model-name", "tiny",
                        "--dtype", "float32", "--steering-vector", f"rp={repeng_vector[1]}",
-                       "--vectors-dir", str(vectors_dir)], api_key=API_KEY)
+                       "--vectors-dir", str(vectors_dir), "--allow-runtime-vectors"],
+                      api_key=API_KEY)
     live.vectors_dir = vectors_dir
     yield live
     live.stop()

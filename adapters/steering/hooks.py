@@ -28,13 +28,22 @@ def _steer_block(module: torch.nn.Module, args, kwargs, output):
         return None
     hidden = output[0] if isinstance(output, tuple) else output  # (B, T, C)
     layer = module.steer_layer_index
-    for call in plan.residual.get(layer, ()):
+    calls = plan.residual.get(layer, ())
+    for call in calls:
         steer_residual(hidden, call.vectors, call.vector_index, call.scale, call.mode,
                        call.normalize, call.position_mask)
+    if calls:
+        keep_finite(hidden)
     capture = plan.capture
     if capture is not None and capture.target == SteerTarget.RESIDUAL:
         capture.read(layer, hidden)
     return None  # edited in place
+
+
+def keep_finite(hidden: torch.Tensor) -> None:
+    """A steered activation past the dtype's range (easy in fp16) becomes its largest finite
+    value, never inf or NaN: what flows on, and into the KV cache, stays a number."""
+    torch.nan_to_num_(hidden, nan=0.0)
 
 
 def _steered_attention(inner):
@@ -52,8 +61,11 @@ def _steered_attention(inner):
 
 def _steer_heads_output(plan: SteeringPlan, layer: int, out: torch.Tensor) -> None:
     flat = out.view(out.shape[0], out.shape[1], -1)  # (B, T, NH * D)
-    for call in plan.heads.get(layer, ()):
+    calls = plan.heads.get(layer, ())
+    for call in calls:
         steer_heads(flat, call.head_offsets, call.offset_index, call.scale, call.position_mask)
+    if calls:
+        keep_finite(flat)
     capture = plan.capture
     if capture is not None and capture.target == SteerTarget.HEADS:
         capture.read(layer, flat)

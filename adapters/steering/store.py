@@ -56,7 +56,9 @@ class VectorStore:
     def load_directory(self) -> list[str]:
         """Load every vector file in the directory (created if missing); a bad file raises
         AdapterError naming it (the operator should fix or remove it rather than start
-        without it)."""
+        without it). A name already loaded (a --steering-vector given at start, which wins)
+        is skipped with a warning: a start-up vector deleted and extracted again under its
+        name leaves both, and the next start must not fail on that."""
         if self.directory is None:
             return []
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -65,6 +67,10 @@ class VectorStore:
             if path.suffix.lower() not in SUFFIXES or path.name.startswith("."):
                 continue
             name = check_vector_name(path.stem, param="path")
+            if self._entries.get(name) is not None:
+                logger.warning("steering vector '%s' in %s is not loaded: a vector given at "
+                               "start has that name", name, path)
+                continue
             self._entries.load(name, lambda p=path, n=name: _Entry(load_vector_file(n, p), p))
             logger.info("loaded steering vector '%s' from %s", name, path)
             names.append(name)

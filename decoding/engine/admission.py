@@ -9,6 +9,7 @@ from steerserve.decoding.engine.detokenizer import IncrementalDetokenizer
 from steerserve.decoding.engine.state import Sequence
 from steerserve.decoding.model.hosted import HostedModel, Lane
 from steerserve.decoding.request import EngineRequest, LaneSpec, OutputSink
+from steerserve.decoding.sampling.history import TokenHistory
 
 
 class Inadmissible(ValueError):
@@ -122,7 +123,10 @@ class Admission:
             hosted.info.tokenizer, list(request.prompt_ids), stop=params.stop,
             include_stop=params.include_stop_str_in_output,
             skip_special_tokens=params.skip_special_tokens)
-        return Sequence(request, sink, detokenizer, generator, eos_ids=hosted.info.eos_ids)
+        history = TokenHistory.for_request(params, request.prompt_ids, hosted.info.vocab_size,
+                                           hosted.loaded.device)
+        return Sequence(request, sink, detokenizer, generator, eos_ids=hosted.info.eos_ids,
+                        history=history)
 
     @staticmethod
     def _flag(sequence: Sequence, positions: range | None = None) -> None:

@@ -96,5 +96,4 @@ class StepComputer:
 
 
 def _row_state(s: Sequence, given: float | None) -> RowState:
-    return RowState(s.params, s.prompt_ids if s.params.repetition_penalty != 1.0 else [],
-                    s.output_ids, s.generator, given)
+    return RowState(s.params, s.history, s.generator, given)

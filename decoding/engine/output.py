@@ -58,6 +58,8 @@ class Output:
     def _append(self, s: Sequence, token: int) -> None:
         params = s.params
         s.output_ids.append(token)
+        if s.history is not None:
+            s.history.add(token)
         self.stats.generation_tokens += 1
         if token in params.stop_token_ids or (token in s.eos_ids and not params.ignore_eos):
             s.finish_reason = FinishReason.STOP

@@ -82,14 +82,20 @@ class HostedModel:
         return self._decode_plan[1]
 
     def release(self, leaving: list[Lane]) -> None:
-        """Drop lanes, refill their slots with the last lanes (fewest copies), free LoRA."""
+        """Drop lanes, refill their slots with the last lanes (fewest copies), free LoRA.
+        Every position a lane may have written is zeroed once its slot is free (one past
+        its length: a step computed again may have written there)."""
         gone = {id(lane) for lane in leaving}
         keep = len(self.lanes) - len(gone)
+        cache = self.runner.cache
+        for lane in leaving:
+            cache.clear(lane.slot, lane.cached_length + 1)
         holes = sorted(lane.slot for lane in leaving if lane.slot < keep)
         movers = [lane for lane in self.lanes[keep:] if id(lane) not in gone]
         for hole, lane in zip(holes, movers, strict=True):
             if lane.prefilled:
                 self.runner.move_slot(lane.slot, hole, lane.cached_length)
+            cache.clear(lane.slot, lane.cached_length + 1)
             lane.slot = hole
         self.lanes = sorted((lane for lane in self.lanes if id(lane) not in gone),
                             key=lambda lane: lane.slot)

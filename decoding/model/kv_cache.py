@@ -69,6 +69,17 @@ class SlotKVCache:
         rows = slice(first_slot, first_slot + positions.shape[0])
         return CacheWindow(self, rows, None, positions, kv_len)
 
+    def clear(self, slot: int, length: int) -> None:
+        """Zero a slot's first `length` positions when its lane leaves. Attention reads every
+        row up to the batch's longest length, masked: a masked position still multiplies its
+        value by 0 (0 * NaN = NaN) and adds its score to -inf (inf - inf = NaN), so what a
+        lane leaves behind (a steering request can drive its keys past the float range)
+        must not reach the next lane in that slot."""
+        length = min(length, self.shape.max_len)
+        for keys, values in zip(self.keys, self.values, strict=True):
+            keys[slot, :, :length].zero_()
+            values[slot, :, :length].zero_()
+
     def move_slot(self, source: int, target: int, length: int) -> None:
         """Copy a lane's first `length` positions to another slot (compaction on leave)."""
         for keys, values in zip(self.keys, self.values, strict=True):

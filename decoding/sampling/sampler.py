@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from steerserve.decoding.sampling.history import TokenHistory
+from steerserve.decoding.sampling.history import rows as stacked
 from steerserve.decoding.sampling.params import SamplingParams
 from steerserve.kernels.adaptive_temperature.ops import TempMethod, adaptive_temperature
 
@@ -23,9 +25,8 @@ class RowState:
     """What the sampler needs to know about one row besides its logits."""
 
     params: SamplingParams
-    prompt_ids: list[int]
-    output_ids: list[int]
-    generator: torch.Generator | None  # set for seeded rows: independent of the batch
+    history: TokenHistory | None = None  # logit bias and penalty rows, when the row has any
+    generator: torch.Generator | None = None  # set for seeded rows: independent of the batch
     given_temperature: float | None = None  # this step's choice of a learned head
 
 
@@ -38,28 +39,36 @@ class SampleResult:
     temperatures: torch.Tensor | None = None  # (B,) the temperature used (0 = greedy)
 
 
+def _with(rows: list[RowState], field: str) -> list[int]:
+    return [i for i, r in enumerate(rows) if r.history is not None
+            and getattr(r.history, field) is not None]
+
+
 def apply_logit_bias(logits: torch.Tensor, rows: list[RowState]) -> None:
-    for i, row in enumerate(rows):
-        for token_id, bias in row.params.logit_bias:
-            logits[i, token_id] += bias
+    """One add for every biased row, whatever the number of keys."""
+    picked = _with(rows, "bias")
+    if picked:
+        logits[picked] += stacked([rows[i].history.bias for i in picked], logits.shape[1])
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[RowState]) -> None:
     """OpenAI presence/frequency penalties on generated tokens; HF-style repetition penalty
-    over prompt and generated tokens (vLLM's semantics)."""
-    for i, row in enumerate(rows):
-        p = row.params
-        if not p.penalizes:
-            continue
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(row.prompt_ids + row.output_ids, device=logits.device).unique()
-            picked = logits[i, seen]
-            logits[i, seen] = torch.where(picked > 0, picked / p.repetition_penalty,
-                                          picked * p.repetition_penalty)
-        if row.output_ids and (p.presence_penalty or p.frequency_penalty):
-            ids, counts = torch.tensor(row.output_ids, device=logits.device).unique(
-                return_counts=True)
-            logits[i, ids] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty
+    over prompt and generated tokens (vLLM's semantics). A few batched ops per step."""
+    width = logits.shape[1]
+    repeated = _with(rows, "seen")
+    if repeated:
+        seen = stacked([rows[i].history.seen for i in repeated], width)
+        penalty = logits.new_tensor([rows[i].params.repetition_penalty for i in repeated])
+        picked, penalty = logits[repeated], penalty.unsqueeze(1)
+        penalised = torch.where(picked > 0, picked / penalty, picked * penalty)
+        logits[repeated] = torch.where(seen, penalised, picked)
+    counted = _with(rows, "counts")
+    if counted:
+        counts = stacked([rows[i].history.counts for i in counted], width)
+        frequency = logits.new_tensor([rows[i].params.frequency_penalty for i in counted])
+        presence = logits.new_tensor([rows[i].params.presence_penalty for i in counted])
+        logits[counted] -= (frequency.unsqueeze(1) * counts
+                            + presence.unsqueeze(1) * (counts > 0).to(logits.dtype))
 
 
 def truncation_mask(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
@@ -101,9 +110,8 @@ def logprob_summary(logprobs: torch.Tensor, tokens: torch.Tensor, rows: list[Row
 
 def sample(logits: torch.Tensor, rows: list[RowState]) -> SampleResult:
     """logits: (B, V) float32, modified in place."""
-    if any(r.params.logit_bias for r in rows):
+    if any(r.history is not None for r in rows):
         apply_logit_bias(logits, rows)
-    if any(r.params.penalizes for r in rows):
         apply_penalties(logits, rows)
     wants_logprobs = any(r.params.logprobs is not None for r in rows)
     logprobs = logits.log_softmax(dim=-1) if wants_logprobs else None

@@ -11,10 +11,16 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
 from steerserve.decoding.engine.client import RequestStream
-from steerserve.server.body import parse_request
+from steerserve.server.body import parse_body, read_body
 from steerserve.server.context import ServingContext
 from steerserve.server.errors import error_payload
-from steerserve.server.formatting import ResponseMeta, chat_logprobs, new_id, usage
+from steerserve.server.formatting import (
+    ResponseMeta,
+    chat_logprobs,
+    finite_temperatures,
+    new_id,
+    usage,
+)
 from steerserve.server.routes.choices import (
     ChoiceResult,
     collect,
@@ -29,9 +35,10 @@ CHUNK = "chat.completion.chunk"
 
 
 async def chat_completions(request: Request, ctx: ServingContext):
-    body = await parse_request(request, ChatCompletionRequest, ctx.settings.max_body_bytes)
+    raw = await read_body(request, ctx.settings.max_body_bytes)
+    body = await ctx.off_loop(parse_body, raw, ChatCompletionRequest)
     meta_id = new_id("chatcmpl")
-    translated = chat_requests(ctx, body, meta_id)
+    translated = await ctx.off_loop(chat_requests, ctx, body, meta_id)
     streams = open_streams(ctx, translated.requests)
     meta = ResponseMeta(meta_id, int(time.time()), body.model, translated.decoding)
     prompt_tokens = len(translated.requests[0].prompt_ids)
@@ -40,7 +47,7 @@ async def chat_completions(request: Request, ctx: ServingContext):
         events = stream_chat(ctx, meta, streams, prompt_tokens, include_usage, body.logprobs,
                              body.return_temperatures)
         return EventSourceResponse(events, ping=15)
-    results = await collect(ctx, streams)
+    results = await collect(ctx, streams, request)
     failed = failed_response(results)
     if failed is not None:
         return failed
@@ -54,7 +61,7 @@ def chat_response(meta: ResponseMeta, results: list[ChoiceResult], logprobs: boo
         "message": {"role": "assistant", "content": r.text},
         "logprobs": chat_logprobs(r.logprobs) if logprobs else None,
         "finish_reason": r.finish_reason,
-        **({"temperatures": r.temperatures} if temperatures else {}),
+        **({"temperatures": finite_temperatures(r.temperatures)} if temperatures else {}),
     } for r in results]
     body = meta.envelope("chat.completion", choices)
     body["usage"] = usage(results[0].prompt_tokens, sum(r.completion_tokens for r in results))
@@ -86,7 +93,8 @@ async def stream_chat(ctx: ServingContext, meta: ResponseMeta, streams: list[Req
             "index": index, "delta": {"content": output.text} if output.text else {},
             "logprobs": chat_logprobs(output.logprobs) if logprobs else None,
             "finish_reason": output.finish_reason.value if output.finished else None,
-            **({"temperatures": list(output.temperatures)} if temperatures else {})}])
+            **({"temperatures": finite_temperatures(output.temperatures)} if temperatures
+               else {})}])
         if output.finished:
             completion_tokens += output.completion_tokens
     else:

@@ -7,12 +7,16 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from starlette.requests import Request
+
 from steerserve.decoding.engine.admission import Inadmissible
 from steerserve.decoding.engine.client import RequestStream
 from steerserve.decoding.engine.core import EngineUnavailable, QueueFull
 from steerserve.decoding.request import EngineRequest, Failure, RequestOutput, TokenLogprob
 from steerserve.server.context import ServingContext
 from steerserve.server.errors import APIError, error_response
+
+DISCONNECT_POLL = 0.25  # seconds between checks that a non-streaming client is still there
 
 
 @dataclass
@@ -88,14 +92,32 @@ async def run_choices(ctx: ServingContext, streams: list[RequestStream]
             stream.abort()
 
 
-async def collect(ctx: ServingContext, streams: list[RequestStream]) -> list[ChoiceResult]:
+async def _accumulate(ctx: ServingContext, streams: list[RequestStream]) -> list[ChoiceResult]:
     results = [ChoiceResult(i) for i in range(len(streams))]
     async for index, output in run_choices(ctx, streams):
         results[index].add(output)
     return results
 
 
-def failed_response(results: list[ChoiceResult]):
-    """A non-2xx OpenAI error when any choice failed in the engine, else None."""
+async def collect(ctx: ServingContext, streams: list[RequestStream],
+                  request: Request) -> list[ChoiceResult] | None:
+    """Every choice, whole; None when the client went away first (its choices are aborted
+    within DISCONNECT_POLL seconds, as a stream's are at its next write)."""
+    task = asyncio.create_task(_accumulate(ctx, streams))
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return None
+
+
+def failed_response(results: list[ChoiceResult] | None):
+    """A non-2xx OpenAI error when any choice failed in the engine (or the client left),
+    else None."""
+    if results is None:
+        return error_response(499, "the client closed the connection")
     failed = next((r.failure for r in results if r.failure is not None), None)
     return None if failed is None else error_response(failed.status, failed.message)

@@ -12,10 +12,16 @@ from sse_starlette import EventSourceResponse
 
 from steerserve.decoding.engine.client import RequestStream
 from steerserve.decoding.request import EngineRequest
-from steerserve.server.body import parse_request
+from steerserve.server.body import parse_body, read_body
 from steerserve.server.context import ServingContext
 from steerserve.server.errors import error_payload
-from steerserve.server.formatting import ResponseMeta, legacy_logprobs, new_id, usage
+from steerserve.server.formatting import (
+    ResponseMeta,
+    finite_temperatures,
+    legacy_logprobs,
+    new_id,
+    usage,
+)
 from steerserve.server.routes.choices import (
     ChoiceResult,
     collect,
@@ -28,16 +34,17 @@ from steerserve.server.translate.request import Translated, completion_requests
 
 
 async def completions(request: Request, ctx: ServingContext):
-    body = await parse_request(request, CompletionRequest, ctx.settings.max_body_bytes)
+    raw = await read_body(request, ctx.settings.max_body_bytes)
+    body = await ctx.off_loop(parse_body, raw, CompletionRequest)
     meta_id = new_id("cmpl")
-    translated = completion_requests(ctx, body, meta_id)
+    translated = await ctx.off_loop(completion_requests, ctx, body, meta_id)
     streams = open_streams(ctx, translated.requests)
     meta = ResponseMeta(meta_id, int(time.time()), body.model, translated.decoding)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = stream_completion(ctx, body, meta, translated, streams, include_usage)
         return EventSourceResponse(events, ping=15)
-    results = await collect(ctx, streams)
+    results = await collect(ctx, streams, request)
     failed = failed_response(results)
     if failed is not None:
         return failed
@@ -63,7 +70,7 @@ def completion_response(body: CompletionRequest, meta: ResponseMeta, translated:
         choices.append({"index": result.index, "text": prefix + result.text,
                         "logprobs": logprobs, "finish_reason": result.finish_reason})
         if body.return_temperatures:
-            choices[-1]["temperatures"] = result.temperatures
+            choices[-1]["temperatures"] = finite_temperatures(result.temperatures)
     envelope = meta.envelope("text_completion", choices)
     envelope["usage"] = usage(_prompt_tokens(body, translated),
                               sum(r.completion_tokens for r in results))
@@ -95,8 +102,8 @@ async def stream_completion(ctx: ServingContext, body: CompletionRequest, meta: 
         yield _chunk(meta, [{
             "index": index, "text": output.text, "logprobs": logprobs,
             "finish_reason": output.finish_reason.value if output.finished else None,
-            **({"temperatures": list(output.temperatures)} if body.return_temperatures
-               else {})}])
+            **({"temperatures": finite_temperatures(output.temperatures)}
+               if body.return_temperatures else {})}])
         if output.finished:
             completion_tokens += output.completion_tokens
     else:

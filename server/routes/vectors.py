@@ -24,13 +24,19 @@ from steerserve.adapters.steering.spec import SteerTarget
 from steerserve.adapters.steering.store import check_vector_name
 from steerserve.adapters.steering.vectors import SteeringVector, export_gguf, save_safetensors
 from steerserve.decoding.model.info import ModelInfo
-from steerserve.server.body import parse_request
+from steerserve.server.body import parse_body, read_body
 from steerserve.server.context import ServingContext, resolve_reference
 from steerserve.server.errors import APIError
 from steerserve.server.schemas.steering import ExtractVectorRequest
 from steerserve.server.translate.steering import layer_list
 
 logger = logging.getLogger(__name__)
+
+
+def require_runtime_vectors(ctx: ServingContext) -> None:
+    if not ctx.settings.allow_runtime_vectors:
+        raise APIError(403, "creating and deleting steering vectors is disabled; start the "
+                       "server with --allow-runtime-vectors", code="runtime_vectors_disabled")
 
 
 def _adapter_error(exc: AdapterError, param: str) -> APIError:
@@ -43,6 +49,11 @@ def _tokenize(model: ModelInfo, texts: list[str], param: str) -> list[list[int]]
         if not ids or len(ids) > model.max_model_len:
             raise APIError(400, f"each text must have 1..{model.max_model_len} tokens", param)
     return prompts
+
+
+def _prompts(model: ModelInfo, req: ExtractVectorRequest) -> list[list[int]]:
+    return _tokenize(model, req.positive, "positive") + _tokenize(model, req.negative,
+                                                                  "negative")
 
 
 def _check_request(ctx: ServingContext, req: ExtractVectorRequest) -> list[int]:
@@ -65,18 +76,33 @@ def _check_request(ctx: ServingContext, req: ExtractVectorRequest) -> list[int]:
     return layer_list(layers, num_layers, "layers")
 
 
+def batches(prompts: list[list[int]], most: int, budget: int) -> list[list[list[int]]]:
+    """Consecutive prompts, at most `most` at a time and `budget` padded tokens per forward
+    (the engine's prefill budget: streams wait no longer than behind a prefill); a longer
+    prompt goes alone."""
+    found: list[list[list[int]]] = []
+    for prompt in prompts:
+        last = found[-1] if found else None
+        width = max([len(prompt), *(len(p) for p in last or [])])
+        if last is not None and len(last) < most and width * (len(last) + 1) <= budget:
+            last.append(prompt)
+        else:
+            found.append([prompt])
+    return found
+
+
 async def _activations(ctx: ServingContext, req: ExtractVectorRequest, prompts: list[list[int]],
                        layers: list[int]) -> dict[int, torch.Tensor]:
     target = SteerTarget(req.target)
     parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    started = time.monotonic()
-    for start in range(0, len(prompts), req.batch_size):
-        batch = prompts[start:start + req.batch_size]
+    started, done = time.monotonic(), 0
+    for batch in batches(prompts, req.batch_size, ctx.settings.max_prefill_tokens):
+        done += len(batch)
         found = await ctx.engine.last_token_activations(req.model, batch, layers, target)
         for layer in layers:
             parts[layer].append(found[layer])
         logger.info("extracting steering vector '%s': %d/%d texts (%.1f s)", req.name,
-                    start + len(batch), len(prompts), time.monotonic() - started)
+                    done, len(prompts), time.monotonic() - started)
     return {layer: torch.cat(chunks) for layer, chunks in parts.items()}
 
 
@@ -90,11 +116,10 @@ def _directions(acts: dict[int, torch.Tensor], num_pairs: int,
 
 
 async def extract_vector(request: Request, ctx: ServingContext) -> JSONResponse:
-    req = await parse_request(request, ExtractVectorRequest, ctx.settings.max_body_bytes)
+    raw = await read_body(request, ctx.settings.max_body_bytes)
+    req = await ctx.off_loop(parse_body, raw, ExtractVectorRequest)
     layers = _check_request(ctx, req)
-    model = ctx.engine.models[req.model]
-    prompts = (_tokenize(model, req.positive, "positive")
-               + _tokenize(model, req.negative, "negative"))
+    prompts = await ctx.off_loop(_prompts, ctx.engine.models[req.model], req)
     acts = await _activations(ctx, req, prompts, layers)
     directions = await asyncio.to_thread(_directions, acts, len(req.positive), req.method)
     vector = SteeringVector(

@@ -4,6 +4,7 @@ nothing here (user, metadata...) are accepted."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -14,6 +15,10 @@ from steerserve.server.schemas.steering import Steering
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_STOP_LENGTH = 256
+MAX_LOGIT_BIAS = 1024
+MAX_STOP_TOKEN_IDS = 1024
+MAX_MESSAGES = 4096
+TOKEN_ID = re.compile(r"-?[0-9]{1,19}")  # ASCII only: int() also reads other digits
 
 
 class Strict(BaseModel):
@@ -80,7 +85,7 @@ class SamplingFields(Strict):
     min_p: Finite = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: Finite = Field(1.0, gt=0.0, le=10.0)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     # steerserve extensions.
@@ -94,9 +99,16 @@ class SamplingFields(Strict):
     @field_validator("logit_bias")
     @classmethod
     def _bias_range(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        """Keys are token ids in ASCII digits, each id once ("1" and "01" are one id)."""
+        if value is not None and len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} logit_bias entries are allowed")
+        ids: set[int] = set()
         for key, bias in (value or {}).items():
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got '{key}'")
+            if not TOKEN_ID.fullmatch(key):
+                raise ValueError(f"logit_bias keys must be token ids, got {key[:32]!r}")
+            if int(key) in ids:
+                raise ValueError(f"logit_bias names token id {int(key)} twice")
+            ids.add(int(key))
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias values must lie in [-100, 100], got {bias}")
         return value
@@ -116,7 +128,7 @@ class SamplingFields(Strict):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False

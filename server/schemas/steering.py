@@ -14,6 +14,10 @@ MAX_STEERING_ITEMS = MAX_ITEMS  # a row's items on one layer are one kernel laun
 MAX_INLINE_LAYERS = 1024
 MAX_INLINE_WIDTH = 65536
 MAX_PAIRS = 1024
+# Far beyond any useful setting, and inside every dtype's range once multiplied (a JSON number
+# such as 1e300 is finite for Python and infinite in float32).
+MAX_SCALE = 1e4
+MAX_INLINE_VALUE = 1e4
 
 
 class _Strict(BaseModel):
@@ -27,16 +31,17 @@ class LayerRange(_Strict):
     end: int = Field(ge=0)
 
 
-Vector = Annotated[list[Finite], Field(min_length=1, max_length=MAX_INLINE_WIDTH)]
+Bounded = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_INLINE_VALUE, le=MAX_INLINE_VALUE)]
+Vector = Annotated[list[Bounded], Field(min_length=1, max_length=MAX_INLINE_WIDTH)]
 
 
 class SteeringItem(_Strict):
     vector: str | None = Field(None, min_length=1, max_length=128)
     values: Vector | Annotated[list[Vector], Field(min_length=1,
                                                    max_length=MAX_INLINE_LAYERS)] | None = None
-    layers: list[int] | LayerRange | None = None
+    layers: Annotated[list[int], Field(max_length=MAX_INLINE_LAYERS)] | LayerRange | None = None
     heads: list[tuple[int, int]] | None = Field(None, min_length=1, max_length=4096)
-    scale: Finite = 1.0
+    scale: Finite = Field(1.0, ge=-MAX_SCALE, le=MAX_SCALE)
     mode: Literal["add", "ablate", "clamp"] = "add"
     normalize: bool = False
     apply_to: Literal["prompt", "generation", "both"] = "both"
@@ -54,6 +59,6 @@ class ExtractVectorRequest(_Strict):
     negative: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1,
                                                                 max_length=MAX_PAIRS)
     method: Literal["mean_diff", "pca_diff", "pca_center"] = "pca_diff"
-    layers: list[int] | LayerRange | None = None
+    layers: Annotated[list[int], Field(max_length=MAX_INLINE_LAYERS)] | LayerRange | None = None
     target: Literal["residual", "heads"] = "residual"
     batch_size: int = Field(8, ge=1, le=64)

@@ -103,7 +103,7 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None, 
         logit_bias=tuple((int(k), v) for k, v in (req.logit_bias or {}).items()),
         seed=seed,
         stop=tuple(req.stop_list()),
-        stop_token_ids=tuple(req.stop_token_ids or ()),
+        stop_token_ids=frozenset(req.stop_token_ids or ()),
         ignore_eos=req.ignore_eos,
         include_stop_str_in_output=req.include_stop_str_in_output,
         logprobs=logprobs,
@@ -115,13 +115,22 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None, 
 
 
 def chat_prompt(tokenizer, req: ChatCompletionRequest) -> list[int]:
-    """Render with the model's own template (transformers renders in a Jinja sandbox)."""
+    """Render with the model's own template, or the request's where the server allows it
+    (transformers renders in a Jinja sandbox). A template that fails is the request's
+    problem: a 400, never a 500."""
     messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                 for m in req.messages]
-    if getattr(tokenizer, "chat_template", None) is None:
+    template = req.chat_template or getattr(tokenizer, "chat_template", None)
+    if template is None:
         raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                        return_dict=False)
+    try:
+        ids = tokenizer.apply_chat_template(messages, chat_template=template,
+                                            add_generation_prompt=True, tokenize=True,
+                                            return_dict=False)
+    except Exception as exc:  # Jinja errors, raise_exception(), odd message orders
+        param = "chat_template" if req.chat_template else "messages"
+        raise APIError(400, f"the chat template failed on these messages: "
+                       f"{type(exc).__name__}: {str(exc)[:200]}", param) from exc
     return list(ids)
 
 

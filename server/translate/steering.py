@@ -35,10 +35,13 @@ def resolve_steering(items: list[SteeringItem] | None, vectors: VectorStore, sha
 
 def layer_list(layers: list[int] | LayerRange, num_layers: int, param: str) -> list[int]:
     """Explicit layers or an inclusive range, each a decoder block of the model."""
-    if isinstance(layers, LayerRange):
+    if isinstance(layers, LayerRange):  # bounds first: the range is expanded after them
         if layers.start > layers.end:
             raise APIError(400, f"layer range start {layers.start} is after end {layers.end}",
                            param)
+        if layers.end >= num_layers:
+            raise APIError(400, f"layer {layers.end} is out of range: this model has decoder "
+                           f"blocks 0..{num_layers - 1}", param)
         layers = list(range(layers.start, layers.end + 1))
     if not layers:
         raise APIError(400, "layers must not be empty", param)
