@@ -125,19 +125,11 @@ def create_app(ctx: ServingContext) -> FastAPI:
 
     app = FastAPI(title="steerserve", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_error_handlers(app)
-    guards.install(app, ctx.settings, ctx.draining)
+    guards.install(app, ctx.settings, ctx.draining, ctx.metrics.requests)
 
     @app.exception_handler(EngineUnavailable)
     async def engine_unavailable(_: Request, exc: EngineUnavailable) -> JSONResponse:
         return error_response(503, str(exc), code="engine_unavailable")
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        ctx.metrics.requests.labels(getattr(route, "path", "unmatched"),
-                                    str(response.status_code)).inc()
-        return response
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -39,7 +39,9 @@ def error_response(status: int, message: str, param: str | None = None,
 
 
 def _location(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p != "body"]
+    """Field path from a pydantic location, without the names pydantic gives union members
+    (`values.list[constrained-float].0` is the field `values.0`)."""
+    parts = [str(p) for p in loc if p != "body" and not (isinstance(p, str) and "[" in p)]
     return ".".join(parts) if parts else None
 
 

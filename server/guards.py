@@ -63,8 +63,37 @@ class Draining:
         await self.app(scope, receive, send)
 
 
-def install(app: FastAPI, settings: ServerSettings, draining: threading.Event) -> None:
-    """Guards around the app, outermost last: Host check, then draining, then CORS."""
+class CountRequests:
+    """HTTP requests by route and status. Pure ASGI (a BaseHTTPMiddleware would hide a
+    client's disconnect from the route, which must abort a non-streamed request)."""
+
+    def __init__(self, app: ASGIApp, counter) -> None:
+        self.app = app
+        self.counter = counter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = [500]
+
+        async def recording(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.counter.labels(route, str(status[0])).inc()
+
+
+def install(app: FastAPI, settings: ServerSettings, draining: threading.Event,
+            counter) -> None:
+    """Guards around the app, outermost last: Host check, then draining, then CORS, with
+    the request counter innermost."""
+    app.add_middleware(CountRequests, counter=counter)
     if settings.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins),
                            allow_methods=["GET", "POST", "DELETE"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import uvicorn
+from sse_starlette.sse import AppStatus
 
 from steerserve.server.settings import ServerSettings
 
@@ -27,6 +28,9 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, draining: threading.Event) -> None:
         super().__init__(config)
         self.draining = draining
+        # sse-starlette ends every stream at SIGTERM by default; here they drain instead, and
+        # uvicorn cancels what is left when the drain timeout expires.
+        AppStatus.disable_automatic_graceful_drain()
 
     def handle_exit(self, sig, frame) -> None:
         self.draining.set()
