@@ -18,7 +18,7 @@ from steerserve.decoding.engine.core import Engine, EngineConfig, EngineUnavaila
 from steerserve.decoding.methods.registry import MethodRegistry
 from steerserve.decoding.model.loader import LoadedModel
 from steerserve.decoding.sampling.temperature_head import TemperatureHead, load_temperature_head
-from steerserve.server import guards
+from steerserve.server import guards, openapi
 from steerserve.server.auth import check_admin_key, check_api_key
 from steerserve.server.context import ServingContext
 from steerserve.server.errors import error_response, install_error_handlers
@@ -168,6 +168,7 @@ def create_app(ctx: ServingContext) -> FastAPI:
         return await unload_lora(request, ctx)
 
     add_steering_routes(app, ctx)
+    openapi.install(app, ctx.decoding, lambda: [card["id"] for card in model_cards(ctx)])
     return app
 
 

@@ -6,6 +6,7 @@ positions and a 4D boolean mask) and apply the LM head only where logits are nee
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,9 @@ class ModelRunner:
         shape = cache_shape_for(self.model.config, num_slots, loaded.max_model_len)
         self.cache = SlotKVCache(shape, loaded.dtype, loaded.device)
         self.lora_bank = lora_bank
+        # transformers renamed the decoders' `past_key_values` to `cache` (5.2x): either works
+        parameters = inspect.signature(self.decoder.forward).parameters
+        self._cache_keyword = "cache" if "cache" in parameters else "past_key_values"
 
     @property
     def vocab_size(self) -> int:
@@ -82,8 +86,9 @@ class ModelRunner:
     def _forward(self, input_ids, position_ids, mask, window,
                  steering: SteeringPlan | None) -> torch.Tensor:
         extra = {PLAN_KEYWORD: steering} if steering else {}  # unsteered batches: no plan
+        extra[self._cache_keyword] = window
         out = self.decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
-                           past_key_values=window, use_cache=window is not None, **extra)
+                           use_cache=window is not None, **extra)
         return out.last_hidden_state  # (B, T, C)
 
     @torch.inference_mode()
