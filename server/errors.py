@@ -14,7 +14,8 @@ logger = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 413: "invalid_request_error", 415: "invalid_request_error",
-          429: "rate_limit_error", 500: "internal_server_error", 503: "service_unavailable"}
+          429: "rate_limit_error", 431: "invalid_request_error", 500: "internal_server_error",
+          503: "service_unavailable"}
 
 
 class APIError(Exception):

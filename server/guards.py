@@ -11,6 +11,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from steerserve.server.errors import error_payload
+from steerserve.server.serving import MAX_HEADER_BYTES
 from steerserve.server.settings import LOOPBACK_HOSTS, ServerSettings
 
 
@@ -45,6 +46,24 @@ class HostCheck:
             if host not in self.allowed:
                 await _send_error(send, 400, f"Host '{host[:64]}' is not served here (DNS "
                                   "rebinding protection; see --allowed-hosts)", "invalid_host")
+                return
+        await self.app(scope, receive, send)
+
+
+class HeaderBound:
+    """The HTTP parser refuses oversized headers only while they are incomplete: headers that
+    arrive in one read can pass it. Whatever got through is measured here (431)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = sum(len(k) + len(v) + 4 for k, v in scope.get("headers") or ())
+            if size > self.limit:
+                await _send_error(send, 431, f"request headers exceed {self.limit} bytes",
+                                  "headers_too_large")
                 return
         await self.app(scope, receive, send)
 
@@ -91,7 +110,7 @@ class CountRequests:
 
 def install(app: FastAPI, settings: ServerSettings, draining: threading.Event,
             counter) -> None:
-    """Guards around the app, outermost last: Host check, then draining, then CORS, with
+    """Guards around the app, outermost last: header size, Host check, draining, CORS, with
     the request counter innermost."""
     app.add_middleware(CountRequests, counter=counter)
     if settings.allowed_origins:
@@ -101,3 +120,4 @@ def install(app: FastAPI, settings: ServerSettings, draining: threading.Event,
     app.add_middleware(Draining, flag=draining)
     if settings.loopback and "*" not in settings.allowed_hosts:
         app.add_middleware(HostCheck, allowed=(*LOOPBACK_HOSTS, *settings.allowed_hosts))
+    app.add_middleware(HeaderBound, limit=MAX_HEADER_BYTES)
