@@ -117,3 +117,14 @@ def test_the_largest_bodies_leave_memory_bounded(server):
 
     assert set(asyncio.run(barrage())) == {400}  # a width the model does not have
     assert high_water_mib(server.process.pid) - before < 200
+
+
+def test_extraction_batches_keep_within_the_prefill_budget():
+    from steerserve.server.routes.vectors import batches
+
+    prompts = [[1] * n for n in (100, 100, 100, 3000, 50, 50, 5000, 10)]
+    found = batches(prompts, most=8, budget=1024)
+    assert [len(batch) for batch in found] == [3, 1, 2, 1, 1]  # in order, none split
+    assert all(len(b) == 1 or max(map(len, b)) * len(b) <= 1024 for b in found)
+    assert [p for batch in found for p in batch] == prompts
+    assert [len(b) for b in batches([[1]] * 20, most=8, budget=1024)] == [8, 8, 4]
