@@ -66,6 +66,10 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                        help="largest 'n' (choices per request) accepted")
     group.add_argument("--max-stop", type=int, default=DEFAULTS.max_stop,
                        help="largest number of stop strings per request")
+    group.add_argument("--forward", default=DEFAULTS.forward, choices=["auto", "fused", "hf"],
+                       help="the model's forward: 'fused' is steerserve's own for the Llama "
+                       "family (fused QKV and gate/up weights, SDPA over the slot cache), 'hf' "
+                       "the Hugging Face modules; auto = fused where the architecture allows")
     group.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (default: torch's choice, one per core)")
 
@@ -186,6 +190,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         port=args.port, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_queue=args.max_queue,
         max_prefill_tokens=args.max_prefill_tokens, max_n=args.max_n, max_stop=args.max_stop,
+        forward=args.forward,
         max_body_bytes=args.max_body_bytes,
         api_key=args.api_key or os.environ.get("STEERSERVE_API_KEY") or None,
         admin_key=args.admin_key or os.environ.get("STEERSERVE_ADMIN_KEY") or None,

@@ -18,6 +18,7 @@ class ServerSettings:
     max_num_seqs: int = 64
     max_queue: int = 512
     max_prefill_tokens: int = 4096
+    forward: str = "auto"  # auto | fused | hf
     max_n: int = 16
     max_stop: int = 16
     max_body_bytes: int = 4 * 1024 * 1024

@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 from support import API_KEY, LiveServer  # noqa: E402
-from tiny_models import tiny_llama, tiny_qwen2, tiny_tokenizer  # noqa: E402
+from tiny_models import tiny_gemma, tiny_llama, tiny_qwen2, tiny_tokenizer  # noqa: E402
 
 from steerserve.decoding.model.loader import LoadedModel, from_pretrained_objects, load_model  # noqa: E402
 
@@ -49,6 +49,16 @@ def qwen2(tokenizer) -> LoadedModel:
 @pytest.fixture(scope="session")
 def qwen2_reference(tokenizer):
     return tiny_qwen2(len(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def gemma(tokenizer) -> LoadedModel:
+    return from_pretrained_objects(tiny_gemma(len(tokenizer)), tokenizer, "tiny-gemma")
+
+
+@pytest.fixture(scope="session")
+def gemma_reference(tokenizer):
+    return tiny_gemma(len(tokenizer))
 
 
 @pytest.fixture(scope="session")

@@ -25,11 +25,13 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
-@pytest.mark.parametrize("model_name", ["llama", "qwen2"])
-def test_batched_greedy_equals_hf_generate(request, model_name):
+@pytest.mark.parametrize(("model_name", "forward"), [
+    ("llama", "fused"), ("llama", "hf"), ("qwen2", "fused"), ("qwen2", "hf"), ("gemma", "auto")])
+def test_batched_greedy_equals_hf_generate(request, model_name, forward):
     loaded = request.getfixturevalue(model_name)
     reference = request.getfixturevalue(f"{model_name}_reference")
-    engine = make_engine(loaded)
+    engine = make_engine(loaded, forward=forward)
+    assert engine.primary.runner.forward_kind == ("hf" if model_name == "gemma" else forward)
     collector = Collector()
     prompts = [encode(loaded.tokenizer, p) for p in PROMPTS]
     for i, prompt in enumerate(prompts):
@@ -40,8 +42,9 @@ def test_batched_greedy_equals_hf_generate(request, model_name):
         assert collector.last(str(i)).finish_reason == FinishReason.LENGTH
 
 
-def test_requests_joining_mid_flight_match_hf(llama, llama_reference):
-    engine = make_engine(llama)
+@pytest.mark.parametrize("forward", ["fused", "hf"])
+def test_requests_joining_mid_flight_match_hf(llama, llama_reference, forward):
+    engine = make_engine(llama, forward=forward)
     collector = Collector()
     prompts = [encode(llama.tokenizer, p) for p in PROMPTS]
     for i, prompt in enumerate(prompts):

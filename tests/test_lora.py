@@ -41,9 +41,10 @@ def adapters(tmp_path_factory, tokenizer):
     return base, made
 
 
-def lora_engine(base, tokenizer, adapters, max_loras=4, lora_triton=False):
+def lora_engine(base, tokenizer, adapters, max_loras=4, lora_triton=False, forward="auto"):
     loaded = from_pretrained_objects(copy.deepcopy(base), tokenizer, "base")
-    engine = make_engine(loaded, max_loras=max_loras, max_lora_rank=8, lora_triton=lora_triton)
+    engine = make_engine(loaded, max_loras=max_loras, max_lora_rank=8, lora_triton=lora_triton,
+                         forward=forward)
     linears = engine.primary.lora_slots.bank.linears
     loras = {name: load_lora_adapter(name, path, linears, 8) for name, path, _ in adapters}
     return engine, loras
@@ -67,10 +68,11 @@ def peft_greedy(peft_model, tokenizer, prompt: str, new_tokens: int) -> list[int
     return out[0, ids.shape[1]:].tolist()
 
 
+@pytest.mark.parametrize("forward", ["fused", "hf"])
 @pytest.mark.parametrize("lora_triton", [False, True], ids=["dense-cpu", "triton-kernels"])
-def test_each_adapter_matches_peft(adapters, tokenizer, lora_triton):
+def test_each_adapter_matches_peft(adapters, tokenizer, lora_triton, forward):
     base, made = adapters
-    engine, loras = lora_engine(base, tokenizer, made, lora_triton=lora_triton)
+    engine, loras = lora_engine(base, tokenizer, made, lora_triton=lora_triton, forward=forward)
     plan = [(name, PROMPTS[0], name) for name, _, _ in made]
     collector = submit_all(engine, tokenizer, loras, plan)
     for name, _, peft_model in made:

@@ -50,10 +50,11 @@ def models(tokenizer):
     return loaded, references
 
 
-@pytest.fixture(scope="module")
-def engine(models):
+@pytest.fixture(scope="module", params=["fused", "hf"])
+def engine(models, request):
+    """Every method on both forwards: our own and the Hugging Face modules'."""
     loaded, _ = models
-    return Engine(loaded["base"], EngineConfig(max_num_seqs=8),
+    return Engine(loaded["base"], EngineConfig(max_num_seqs=8, forward=request.param),
                   others=[loaded["expert"], loaded["small"], loaded["deep"]])
 
 

@@ -63,8 +63,9 @@ def generate(engine, prompt, spec, params=GREEDY) -> list[int]:
     return collector.tokens("r")
 
 
+@pytest.mark.parametrize("forward", ["fused", "hf"])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_greedy_equals_repeng_control_model(model_pair, directions, normalize):
+def test_greedy_equals_repeng_control_model(model_pair, directions, normalize, forward):
     loaded, reference = model_pair
     scale = 1.5
     control = ControlModel(copy.deepcopy(reference), [0, 1])
@@ -72,7 +73,7 @@ def test_greedy_equals_repeng_control_model(model_pair, directions, normalize):
     control.set_control(vector, scale, normalize=normalize)
     spec = SteeringSpec(tuple(residual(layer, v, scale, normalize=normalize)
                               for layer, v in directions.items()))
-    engine = make_engine(loaded)
+    engine = make_engine(loaded, forward=forward)
     for prompt in PROMPTS[:2]:
         expected = hf_greedy(control.model, prompt, GREEDY.max_tokens)
         assert generate(engine, prompt, spec) == expected
@@ -101,11 +102,12 @@ def _hooked_reference(reference, layer: int, edit):
     return model
 
 
-def test_ablate_and_clamp_equal_projection_reference(model_pair, directions):
+@pytest.mark.parametrize("forward", ["fused", "hf"])
+def test_ablate_and_clamp_equal_projection_reference(model_pair, directions, forward):
     loaded, reference = model_pair
     v = directions[0]
     u = v / v.norm()
-    engine = make_engine(loaded)
+    engine = make_engine(loaded, forward=forward)
     for mode, value in ((SteerMode.ABLATE, 0.0), (SteerMode.CLAMP, 3.0)):
         def project(h, value=value):
             return h - (h @ u).unsqueeze(-1) * u + value * u
@@ -114,7 +116,8 @@ def test_ablate_and_clamp_equal_projection_reference(model_pair, directions):
         assert generate(engine, PROMPTS[0], spec) == hf_greedy(model, PROMPTS[0], 8)
 
 
-def test_head_offsets_equal_o_proj_input_reference(model_pair):
+@pytest.mark.parametrize("forward", ["fused", "hf"])
+def test_head_offsets_equal_o_proj_input_reference(model_pair, forward):
     loaded, reference = model_pair
     offsets = torch.zeros(4, 16)
     offsets[2] = torch.linspace(-3, 3, 16)  # head 2 of layer 1 only
@@ -122,7 +125,7 @@ def test_head_offsets_equal_o_proj_input_reference(model_pair):
     model.model.layers[1].self_attn.o_proj.register_forward_pre_hook(
         lambda m, args: (args[0] + 2.0 * offsets.reshape(-1),))
     spec = SteeringSpec((heads(1, offsets, 2.0),))
-    engine = make_engine(loaded)
+    engine = make_engine(loaded, forward=forward)
     expected = hf_greedy(model, PROMPTS[1], 8)
     assert generate(engine, PROMPTS[1], spec) == expected
     assert expected != hf_greedy(reference, PROMPTS[1], 8)

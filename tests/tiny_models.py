@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    GemmaConfig,
+    GemmaForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
@@ -59,3 +61,9 @@ def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
 def tiny_qwen2(vocab_size: int, seed: int = 1) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(Qwen2Config(**_common(vocab_size))).eval()
+
+
+def tiny_gemma(vocab_size: int, seed: int = 2) -> GemmaForCausalLM:
+    """Not of the Llama family (scaled embeddings, its own norm): the module path serves it."""
+    torch.manual_seed(seed)
+    return GemmaForCausalLM(GemmaConfig(**_common(vocab_size), head_dim=16)).eval()

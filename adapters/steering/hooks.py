@@ -24,10 +24,14 @@ PLAN_KEYWORD = "steering"
 
 def _steer_block(module: torch.nn.Module, args, kwargs, output):
     plan: SteeringPlan | None = kwargs.get(PLAN_KEYWORD)
-    if not plan:
-        return None
-    hidden = output[0] if isinstance(output, tuple) else output  # (B, T, C)
-    layer = module.steer_layer_index
+    if plan:
+        hidden = output[0] if isinstance(output, tuple) else output  # (B, T, C)
+        steer_block_output(plan, module.steer_layer_index, hidden)
+    return None  # edited in place
+
+
+def steer_block_output(plan: SteeringPlan, layer: int, hidden: torch.Tensor) -> None:
+    """The residual stream after block `layer`, (B, T, C), edited in place (and captured)."""
     calls = plan.residual.get(layer, ())
     for call in calls:
         steer_residual(hidden, call.vectors, call.vector_index, call.scale, call.mode,
@@ -37,7 +41,6 @@ def _steer_block(module: torch.nn.Module, args, kwargs, output):
     capture = plan.capture
     if capture is not None and capture.target == SteerTarget.RESIDUAL:
         capture.read(layer, hidden)
-    return None  # edited in place
 
 
 def keep_finite(hidden: torch.Tensor) -> None:
@@ -53,14 +56,15 @@ def _steered_attention(inner):
         plan: SteeringPlan | None = kwargs.pop(PLAN_KEYWORD, None)
         out, weights = inner(module, query, key, value, attention_mask, **kwargs)
         if plan:
-            _steer_heads_output(plan, module.layer_idx, out)
+            steer_heads_output(plan, module.layer_idx, out.view(out.shape[0], out.shape[1], -1))
         return out, weights
 
     return attention
 
 
-def _steer_heads_output(plan: SteeringPlan, layer: int, out: torch.Tensor) -> None:
-    flat = out.view(out.shape[0], out.shape[1], -1)  # (B, T, NH * D)
+def steer_heads_output(plan: SteeringPlan, layer: int, flat: torch.Tensor) -> None:
+    """The heads' outputs of layer `layer`, (B, T, NH * D), the input of its output
+    projection, edited in place (and captured)."""
     calls = plan.heads.get(layer, ())
     for call in calls:
         steer_heads(flat, call.head_offsets, call.offset_index, call.scale, call.position_mask)

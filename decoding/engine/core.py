@@ -45,6 +45,7 @@ class EngineConfig:
     max_loras: int = 0  # LoRA slots (adapters resident at once); 0 = LoRA off
     max_lora_rank: int = 16
     lora_triton: bool | None = None  # None: the process's choice (kernels.dispatch)
+    forward: str = "auto"  # "fused" (own Llama-family forward), "hf" (the modules), or auto
 
 
 class QueueFull(RuntimeError):
@@ -86,7 +87,8 @@ class Engine:
                             self.config.lora_triton)
             slots = LoraSlots(bank)
         install_steering_hooks(loaded.model)
-        return HostedModel(loaded, ModelRunner(loaded, self.config.max_num_seqs, bank), slots)
+        runner = ModelRunner(loaded, self.config.max_num_seqs, bank, self.config.forward)
+        return HostedModel(loaded, runner, slots)
 
     # ---- any thread --------------------------------------------------------------------------
     def submit(self, request: EngineRequest, sink: OutputSink) -> None:

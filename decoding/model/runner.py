@@ -7,6 +7,7 @@ positions and a 4D boolean mask) and apply the LM head only where logits are nee
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -14,8 +15,11 @@ import torch
 from steerserve.adapters.lora.bank import LoraBank
 from steerserve.adapters.steering.hooks import PLAN_KEYWORD
 from steerserve.adapters.steering.plan import Capture, SteeringPlan
+from steerserve.decoding.model.fused import FusedDecoder, unsupported
 from steerserve.decoding.model.kv_cache import SlotKVCache, cache_shape_for
 from steerserve.decoding.model.loader import LoadedModel
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,9 +49,20 @@ def decode_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
     return (keys.unsqueeze(0) <= positions.unsqueeze(1)).unsqueeze(1).unsqueeze(1)
 
 
+def choose_forward(model: torch.nn.Module, requested: str) -> str:
+    """'fused' (our own Llama-family forward) or 'hf' (the Hugging Face modules), logged."""
+    reason = unsupported(model)
+    if requested == "fused" and reason is not None:
+        raise ValueError(f"--forward fused: {reason}")
+    chosen = "hf" if requested == "hf" or reason is not None else "fused"
+    why = {"hf": reason or "asked for", "fused": "Llama family"}[chosen]
+    logger.info("forward for %s: %s (%s)", model.config.model_type, chosen, why)
+    return chosen
+
+
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, num_slots: int,
-                 lora_bank: LoraBank | None = None) -> None:
+                 lora_bank: LoraBank | None = None, forward: str = "auto") -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.decoder = getattr(self.model, self.model.base_model_prefix)
@@ -60,6 +75,9 @@ class ModelRunner:
         # transformers renamed the decoders' `past_key_values` to `cache` (5.2x): either works
         parameters = inspect.signature(self.decoder.forward).parameters
         self._cache_keyword = "cache" if "cache" in parameters else "past_key_values"
+        self.forward_kind = choose_forward(self.model, forward)
+        self.fused = FusedDecoder(self.model, lora_bank) if self.forward_kind == "fused" \
+            else None
 
     @property
     def vocab_size(self) -> int:
@@ -85,6 +103,8 @@ class ModelRunner:
 
     def _forward(self, input_ids, position_ids, mask, window,
                  steering: SteeringPlan | None) -> torch.Tensor:
+        if self.fused is not None:
+            return self.fused(input_ids, position_ids, mask, window, steering)
         extra = {PLAN_KEYWORD: steering} if steering else {}  # unsteered batches: no plan
         extra[self._cache_keyword] = window
         out = self.decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,

@@ -1,0 +1,188 @@
+"""An own forward for the Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM).
+
+Fused QKV and gate/up weights (the original projections become views into them, so nothing
+is stored twice and the Hugging Face modules stay usable as the fallback), RMSNorm, RoPE
+(through the model's own rotary module, so every RoPE variant it supports holds) and SDPA
+straight over the slot cache, with the same hook points as the module path called directly:
+LoRA rows on every projection, head offsets at the output projection's input, residual
+steering and captures at each block's output. Every other architecture runs the Hugging Face
+modules (decoding/model/runner.py chooses, and says why).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+from steerserve.adapters.lora.bank import LoraBank, LoraLinear
+from steerserve.adapters.steering.hooks import steer_block_output, steer_heads_output
+from steerserve.adapters.steering.plan import SteeringPlan
+
+FAMILY = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def unsupported(model: torch.nn.Module) -> str | None:
+    """Why the fused forward cannot run this model (None: it can)."""
+    config = model.config
+    if config.model_type not in FAMILY:
+        return f"architecture '{config.model_type}' is not of the Llama family"
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        return "sliding-window layers"
+    decoder = getattr(model, model.base_model_prefix)
+    if not hasattr(decoder, "rotary_emb"):
+        return "no rotary embedding module"
+    return None
+
+
+def _linear(module: torch.nn.Module) -> torch.nn.Linear:
+    return module.base if isinstance(module, LoraLinear) else module
+
+
+def _fuse(modules: list[torch.nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several projections of the same input; the projections'
+    own parameters become row views into it."""
+    linears = [_linear(m) for m in modules]
+    weight = torch.cat([linear.weight.data for linear in linears])
+    bias = None
+    if linears[0].bias is not None:
+        bias = torch.cat([linear.bias.data for linear in linears])
+    start = 0
+    for linear in linears:
+        rows = linear.weight.shape[0]
+        linear.weight.data = weight[start:start + rows]
+        if bias is not None:
+            linear.bias.data = bias[start:start + rows]
+        start += rows
+    return weight, bias
+
+
+@dataclass
+class FusedLayer:
+    index: int
+    prefix: str  # the layer's module path, for LoRA keys
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qkv: torch.Tensor  # (Q + 2 KV, C)
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor  # (C, Q)
+    o_bias: torch.Tensor | None
+    gate_up: torch.Tensor  # (2 I, C)
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor  # (C, I)
+    down_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None = None  # Qwen3: RMSNorm over each head
+    k_norm: torch.Tensor | None = None
+
+
+def _layer(index: int, prefix: str, layer: torch.nn.Module) -> FusedLayer:
+    attention, mlp = layer.self_attn, layer.mlp
+    qkv, qkv_bias = _fuse([attention.q_proj, attention.k_proj, attention.v_proj])
+    gate_up, gate_up_bias = _fuse([mlp.gate_proj, mlp.up_proj])
+    o, down = _linear(attention.o_proj), _linear(mlp.down_proj)
+    q_norm = getattr(attention, "q_norm", None)
+    k_norm = getattr(attention, "k_norm", None)
+    return FusedLayer(index, prefix, layer.input_layernorm.weight,
+                      layer.post_attention_layernorm.weight, qkv, qkv_bias, o.weight, o.bias,
+                      gate_up, gate_up_bias, down.weight, down.bias,
+                      q_norm.weight if q_norm is not None else None,
+                      k_norm.weight if k_norm is not None else None)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Hugging Face's LlamaRMSNorm, step for step (fp32 statistics, then the input dtype)."""
+    hidden = x.to(torch.float32)
+    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * hidden.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class FusedDecoder:
+    """Called like the Hugging Face decoder by the runner: (B, T) ids -> (B, T, C) normed."""
+
+    def __init__(self, model: torch.nn.Module, lora_bank: LoraBank | None) -> None:
+        config = model.config
+        prefix = model.base_model_prefix
+        decoder = getattr(model, prefix)
+        self.embed, self.norm, self.rotary = decoder.embed_tokens, decoder.norm, decoder.rotary_emb
+        self.lora_bank = lora_bank
+        self.eps = config.rms_norm_eps
+        self.act = ACT2FN[config.hidden_act]
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.scale = self.head_dim ** -0.5
+        self.layers = [_layer(i, f"{prefix}.layers.{i}", layer)
+                       for i, layer in enumerate(decoder.layers)]
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+                 window, steering: SteeringPlan | None) -> torch.Tensor:
+        x = self.embed(input_ids)  # (B, T, C)
+        cos, sin = self.rotary(x, position_ids)  # (B, T, D)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D)
+        lora = self.lora_bank.active if self.lora_bank is not None else None
+        for layer in self.layers:
+            x = x + self._attention(layer, x, cos, sin, mask, window, steering, lora)
+            x = x + self._mlp(layer, x, lora)
+            if steering:
+                steer_block_output(steering, layer.index, x)
+        return self.norm(x)
+
+    def _lora(self, lora, key: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Adds the rows' adapter deltas of projection `key` into y (a view of its output)."""
+        bank = self.lora_bank
+        if lora is None or key not in bank.lora_a:
+            return
+        flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        if bank.use_triton and not flat_y.is_contiguous():  # the kernels write whole rows
+            delta = torch.zeros_like(flat_y, memory_format=torch.contiguous_format)
+            bank.apply(key, flat_x, delta, lora)
+            flat_y += delta
+        else:
+            bank.apply(key, flat_x, flat_y, lora)
+
+    def _attention(self, layer: FusedLayer, x, cos, sin, mask, window, steering, lora):
+        batch, length, _ = x.shape
+        h = rms_norm(x, layer.input_norm, self.eps)
+        qkv = F.linear(h, layer.qkv, layer.qkv_bias)  # (B, T, Q + 2 KV)
+        q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        q, k, v = qkv.split([q_width, kv_width, kv_width], dim=-1)
+        attention = f"{layer.prefix}.self_attn"
+        for name, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+            self._lora(lora, f"{attention}.{name}", h, part)
+        q = q.view(batch, length, self.heads, self.head_dim)
+        k = k.view(batch, length, self.kv_heads, self.head_dim)
+        if layer.q_norm is not None:
+            q, k = rms_norm(q, layer.q_norm, self.eps), rms_norm(k, layer.k_norm, self.eps)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D)
+        v = v.reshape(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        if window is not None:
+            k, v = window.update(k, v, layer.index)  # (B, KV, L, D) up to the batch's length
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                             enable_gqa=self.heads != self.kv_heads)
+        out = out.transpose(1, 2).reshape(batch, length, q_width)  # (B, T, NH * D)
+        if steering:
+            steer_heads_output(steering, layer.index, out)
+        o = F.linear(out, layer.o, layer.o_bias)
+        self._lora(lora, f"{attention}.o_proj", out, o)
+        return o
+
+    def _mlp(self, layer: FusedLayer, x: torch.Tensor, lora) -> torch.Tensor:
+        h = rms_norm(x, layer.post_norm, self.eps)
+        gate_up = F.linear(h, layer.gate_up, layer.gate_up_bias)  # (B, T, 2 I)
+        gate, up = gate_up.chunk(2, dim=-1)
+        mlp = f"{layer.prefix}.mlp"
+        self._lora(lora, f"{mlp}.gate_proj", h, gate)
+        self._lora(lora, f"{mlp}.up_proj", h, up)
+        inner = self.act(gate) * up
+        down = F.linear(inner, layer.down, layer.down_bias)
+        self._lora(lora, f"{mlp}.down_proj", inner, down)
+        return down
