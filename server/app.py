@@ -50,7 +50,8 @@ def build_context(settings: ServerSettings, model: LoadedModel,
         max_num_seqs=settings.max_num_seqs, max_queue=settings.max_queue,
         max_prefill_tokens=settings.max_prefill_tokens,
         max_loras=settings.max_loras if settings.lora_enabled else 0,
-        max_lora_rank=settings.max_lora_rank, forward=settings.forward), others))
+        max_lora_rank=settings.max_lora_rank, forward=settings.forward,
+        threads=settings.threads), others))
     ctx = ServingContext(settings, engine, Metrics(engine), int(time.time()),
                          load_vectors(settings), load_heads(settings, model),
                          DecodingSchemas(methods or MethodRegistry()))

@@ -206,22 +206,48 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         vectors_dir=None if args.vectors_dir.lower() == "none" else args.vectors_dir)
 
 
-def serve(settings: ServerSettings) -> None:
-    import torch
+def build_off_main(settings: ServerSettings):
+    """Load the models and build the context in a thread of its own that then exits.
+
+    OpenMP keeps a team of worker threads for every thread that ran a parallel torch op. If
+    the main thread loaded the models, its team would stay beside the engine thread's and the
+    two would contend for the cores: a decode step measured 1.6x slower that way
+    (docs/benchmarks.md). A thread that exits takes its team with it, so only the engine
+    thread's remains.
+    """
+    import threading
 
     from steerserve.decoding.model.loader import load_model
-    from steerserve.server.app import build_context, create_app
+    from steerserve.server.app import build_context
+
+    built: dict = {}
+
+    def build() -> None:
+        try:
+            model = load_model(settings.model, name=settings.served_model_name,
+                               dtype=settings.dtype, device=settings.device,
+                               max_model_len=settings.max_model_len)
+            others = [load_model(path, name=name, dtype=settings.dtype, device=settings.device,
+                                 max_model_len=settings.max_model_len)
+                      for name, path in settings.extra_models]
+            built["ctx"] = build_context(settings, model, others)
+        except BaseException as exc:  # re-raised in the main thread
+            built["error"] = exc
+
+    loader = threading.Thread(target=build, name="steerserve-load")
+    loader.start()
+    loader.join()
+    if "error" in built:
+        raise built["error"]
+    return built["ctx"]
+
+
+def serve(settings: ServerSettings) -> None:
+    from steerserve.server.app import create_app
     from steerserve.server.serving import DrainingServer, uvicorn_config
 
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    model = load_model(settings.model, name=settings.served_model_name, dtype=settings.dtype,
-                       device=settings.device, max_model_len=settings.max_model_len)
-    others = [load_model(path, name=name, dtype=settings.dtype, device=settings.device,
-                         max_model_len=settings.max_model_len)
-              for name, path in settings.extra_models]
-    ctx = build_context(settings, model, others)
-    logging.getLogger(__name__).info("serving '%s' on http://%s:%d/v1", model.name,
+    ctx = build_off_main(settings)
+    logging.getLogger(__name__).info("serving '%s' on http://%s:%d/v1", ctx.model_name,
                                      settings.host, settings.port)
     DrainingServer(uvicorn_config(create_app(ctx), settings), ctx.draining).run()
 

@@ -13,6 +13,8 @@ import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+import torch
+
 from steerserve.adapters.lora.bank import LoraBank
 from steerserve.adapters.lora.slots import LoraSlots
 from steerserve.adapters.steering.hooks import install_steering_hooks
@@ -46,6 +48,7 @@ class EngineConfig:
     max_lora_rank: int = 16
     lora_triton: bool | None = None  # None: the process's choice (kernels.dispatch)
     forward: str = "auto"  # "fused" (own Llama-family forward), "hf" (the modules), or auto
+    threads: int | None = None  # torch threads of the engine thread (None: torch's default)
 
 
 class QueueFull(RuntimeError):
@@ -147,6 +150,8 @@ class Engine:
 
     # ---- engine thread -----------------------------------------------------------------------
     def _run(self) -> None:
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)  # a per-thread setting in OpenMP
         try:
             while not self._stopping.is_set():
                 if not self.scheduler.has_work():

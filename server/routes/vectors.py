@@ -121,7 +121,8 @@ async def extract_vector(request: Request, ctx: ServingContext) -> JSONResponse:
     layers = _check_request(ctx, req)
     prompts = await ctx.off_loop(_prompts, ctx.engine.models[req.model], req)
     acts = await _activations(ctx, req, prompts, layers)
-    directions = await asyncio.to_thread(_directions, acts, len(req.positive), req.method)
+    # On the engine thread: torch work on any other thread would start an OpenMP team there.
+    directions = await ctx.engine.call(lambda: _directions(acts, len(req.positive), req.method))
     vector = SteeringVector(
         name=req.name, directions=directions, width=next(iter(acts.values())).shape[1],
         target=req.target, model=req.model, method=req.method,
