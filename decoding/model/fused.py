@@ -166,7 +166,7 @@ class FusedDecoder:
         k = k * cos + _rotate_half(k) * sin
         if window is not None:
             k, v = window.update(k, v, layer.index)  # (B, KV, L, D) up to the batch's length
-        if length == 1:
+        if length == 1 and batch > 1 and q.dtype != torch.float32:
             out = self._decode_attention(q, k, v, mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
@@ -181,8 +181,8 @@ class FusedDecoder:
     def _decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           mask: torch.Tensor) -> torch.Tensor:
         """One new position per row: the heads that share a KV head attend as one batched
-        matmul, with no repeated keys. On CPU this is several times faster than SDPA's
-        kernel for a single query in bf16, and no slower in fp32 (docs/benchmarks.md)."""
+        matmul, with no repeated keys. Measured on CPU (docs/benchmarks.md): 2-3x faster than
+        SDPA's kernel for batches of single bf16 queries; SDPA wins for one row, and in fp32."""
         batch, length = q.shape[0], k.shape[2]
         group = self.heads // self.kv_heads
         grouped = q.reshape(batch, self.kv_heads, group, self.head_dim)  # (B, KV, G, D)

@@ -1,0 +1,58 @@
+"""Our own Llama-family forward against the Hugging Face modules, in every dtype and on every
+attention path (SDPA for prefill, for one row and in fp32; grouped matmuls for batched bf16
+decode), and the choice between them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_gemma, tiny_llama, tiny_qwen2
+
+from steerserve.decoding.model.loader import from_pretrained_objects
+from steerserve.decoding.model.runner import ModelRunner
+
+PROMPTS = [[1, 5, 9, 13, 4, 22, 40], [1, 7, 3], [1, 30, 31, 32, 33]]
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.15, torch.float16: 0.05}
+
+
+def runners(model, tokenizer, dtype) -> tuple[ModelRunner, ModelRunner]:
+    loaded = from_pretrained_objects(model.to(dtype), tokenizer, "m")
+    return ModelRunner(loaded, 4, None, "fused"), ModelRunner(loaded, 4, None, "hf")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2"])
+def test_fused_logits_equal_the_modules(tokenizer, dtype, build):
+    fused, modules = runners(build(len(tokenizer)), tokenizer, dtype)
+    assert fused.forward_kind == "fused" and modules.forward_kind == "hf"
+    atol = TOLERANCE[dtype]
+    with torch.inference_mode():
+        ours = fused.prefill(0, PROMPTS, [True] * 3)
+        theirs = modules.prefill(0, PROMPTS, [True] * 3)
+        torch.testing.assert_close(ours.last_logits, theirs.last_logits, atol=atol, rtol=0)
+        for got, expected in zip(ours.prompt_logits, theirs.prompt_logits, strict=True):
+            torch.testing.assert_close(got, expected, atol=atol, rtol=0)
+        positions = [len(p) for p in PROMPTS]
+        tokens = [int(t) for t in theirs.last_logits.argmax(-1)]
+        for _ in range(4):
+            got, expected = fused.decode(0, tokens, positions), modules.decode(0, tokens, positions)
+            torch.testing.assert_close(got.logits, expected.logits, atol=atol, rtol=0)
+            # One row alone takes the single-row path (the same token again: same cache entry)
+            single = fused.decode(0, tokens[:1], positions[:1]).logits
+            torch.testing.assert_close(single, expected.logits[:1], atol=atol, rtol=0)
+            tokens = [int(t) for t in expected.logits.argmax(-1)]
+            positions = [p + 1 for p in positions]
+
+def test_other_architectures_run_the_modules(tokenizer):
+    loaded = from_pretrained_objects(tiny_gemma(len(tokenizer)), tokenizer, "g")
+    assert ModelRunner(loaded, 2, None, "auto").forward_kind == "hf"
+    with pytest.raises(ValueError, match="not of the Llama family"):
+        ModelRunner(loaded, 2, None, "fused")
+
+
+def test_fusing_shares_the_weights(tokenizer):
+    model = tiny_llama(len(tokenizer))
+    runner = ModelRunner(from_pretrained_objects(model, tokenizer, "m"), 2, None, "fused")
+    layer, attention = runner.fused.layers[0], model.model.layers[0].self_attn
+    assert attention.q_proj.weight.data_ptr() == layer.qkv.data_ptr()  # a view, not a copy
+    assert attention.k_proj.weight.data_ptr() == layer.qkv[64:].data_ptr()
