@@ -51,7 +51,7 @@ def build_context(settings: ServerSettings, model: LoadedModel,
         max_prefill_tokens=settings.max_prefill_tokens,
         max_loras=settings.max_loras if settings.lora_enabled else 0,
         max_lora_rank=settings.max_lora_rank, forward=settings.forward,
-        threads=settings.threads), others))
+        threads=settings.threads, prefix_cache_slots=settings.prefix_cache_slots), others))
     ctx = ServingContext(settings, engine, Metrics(engine), int(time.time()),
                          load_vectors(settings), load_heads(settings, model),
                          DecodingSchemas(methods or MethodRegistry()))

@@ -70,6 +70,10 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                        help="the model's forward: 'fused' is steerserve's own for the Llama "
                        "family (fused QKV and gate/up weights, SDPA over the slot cache), 'hf' "
                        "the Hugging Face modules; auto = fused where the architecture allows")
+    group.add_argument("--prefix-cache-slots", type=int, default=DEFAULTS.prefix_cache_slots,
+                       help="KV-cache slots that keep recent prompts: a request whose prompt "
+                       "starts like one of them (a system prompt, few-shot examples, earlier "
+                       "turns) prefills only the rest; 0 turns the prefix cache off")
     group.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (default: torch's choice, one per core)")
 
@@ -190,7 +194,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         port=args.port, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_queue=args.max_queue,
         max_prefill_tokens=args.max_prefill_tokens, max_n=args.max_n, max_stop=args.max_stop,
-        forward=args.forward,
+        forward=args.forward, prefix_cache_slots=args.prefix_cache_slots,
         max_body_bytes=args.max_body_bytes,
         api_key=args.api_key or os.environ.get("STEERSERVE_API_KEY") or None,
         admin_key=args.admin_key or os.environ.get("STEERSERVE_ADMIN_KEY") or None,

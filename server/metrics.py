@@ -20,6 +20,9 @@ class _EngineCounters:
         stats = self.engine.stats
         yield CounterMetricFamily("steerserve_prompt_tokens", "Prompt tokens prefilled",
                                   value=stats.prompt_tokens)
+        yield CounterMetricFamily("steerserve_cached_prompt_tokens",
+                                  "Prompt tokens taken from the prefix cache",
+                                  value=stats.cached_prompt_tokens)
         yield CounterMetricFamily("steerserve_generation_tokens", "Tokens generated",
                                   value=stats.generation_tokens)
         yield CounterMetricFamily("steerserve_engine_steps", "Engine steps run",

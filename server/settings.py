@@ -19,6 +19,7 @@ class ServerSettings:
     max_queue: int = 512
     max_prefill_tokens: int = 4096
     forward: str = "auto"  # auto | fused | hf
+    prefix_cache_slots: int = 8
     max_n: int = 16
     max_stop: int = 16
     max_body_bytes: int = 4 * 1024 * 1024

@@ -86,7 +86,9 @@ class Admission:
             return None  # every LoRA slot is pinned by running lanes: wait
         for lane, slot in zip(lanes, lora, strict=True):
             lane.lora_slot = slot
-            self.models[lane.spec.model].add(lane)
+            hosted = self.models[lane.spec.model]
+            hosted.add(lane)
+            hosted.reuse_prefix(lane)
         sequence.late_pending = request.method.late_lanes
         self.models[request.model].reserved += sequence.late_pending
         return sequence

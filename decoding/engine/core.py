@@ -49,6 +49,7 @@ class EngineConfig:
     lora_triton: bool | None = None  # None: the process's choice (kernels.dispatch)
     forward: str = "auto"  # "fused" (own Llama-family forward), "hf" (the modules), or auto
     threads: int | None = None  # torch threads of the engine thread (None: torch's default)
+    prefix_cache_slots: int = 0  # KV slots keeping recent prompts for reuse (0: off)
 
 
 class QueueFull(RuntimeError):
@@ -90,7 +91,8 @@ class Engine:
                             self.config.lora_triton)
             slots = LoraSlots(bank)
         install_steering_hooks(loaded.model)
-        runner = ModelRunner(loaded, self.config.max_num_seqs, bank, self.config.forward)
+        runner = ModelRunner(loaded, self.config.max_num_seqs, bank, self.config.forward,
+                             self.config.prefix_cache_slots)
         return HostedModel(loaded, runner, slots)
 
     # ---- any thread --------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from steerserve.decoding.sampling.logprobs import TokenText, prompt_logprobs, to
 @dataclass
 class EngineStats:
     prompt_tokens: int = 0  # prompt tokens prefilled, every lane counted
+    cached_prompt_tokens: int = 0  # prompt tokens taken from the prefix cache instead
     generation_tokens: int = 0
     finished: dict[str, int] = field(default_factory=dict)
     steps: int = 0
@@ -33,7 +34,9 @@ class Output:
                 lane.fed += 1
             else:
                 lane.prefilled = True
-                self.stats.prompt_tokens += len(lane.prompt_ids)
+                self.stats.prompt_tokens += len(lane.prompt_ids) - lane.reused
+                self.stats.cached_prompt_tokens += lane.reused
+                self.models[lane.spec.model].remember_prefix(lane)
 
     def take(self, s: Sequence, row: RowOutcome, admitted: bool) -> None:
         """The request's token of this step (none when it only scores its prompt)."""

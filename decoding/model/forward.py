@@ -94,9 +94,10 @@ def decode(hosted: HostedModel, lanes: list[Lane]) -> Results:
 
 
 def prefill(hosted: HostedModel, lanes: list[Lane]) -> Results:
-    """Lanes in consecutive slots, prompts right-padded."""
+    """Lanes in consecutive slots, prompts right-padded; a lane with a reused prefix (already
+    in its slot) prefills only the rest of its prompt."""
     device = hosted.loaded.device
-    prompts = [list(lane.prompt_ids) for lane in lanes]
+    prompts = [list(lane.prompt_ids[lane.reused:]) for lane in lanes]
     lengths = [len(p) for p in prompts]
     steering = prefill_plan([lane.spec.steering for lane in lanes], lengths, max(lengths),
                             device)
@@ -105,7 +106,11 @@ def prefill(hosted: HostedModel, lanes: list[Lane]) -> Results:
     out = hosted.runner.prefill(lanes[0].slot, prompts,
                                 [lane.wants_prompt_logits for lane in lanes],
                                 [lane.lora_slot for lane in lanes],
-                                _with_capture(steering, capture))
+                                _with_capture(steering, capture),
+                                [lane.reused for lane in lanes])
+    width = max(lengths)
+    for lane in lanes:  # padding included: all of it is zeroed when the lane leaves
+        lane.written = max(lane.written, lane.reused + width)
     early = _early(lanes, capture)
     if whole:  # (P, C) for scoring, without the padding; the sampled position is the last
         early = [{layer: h[:n] for layer, h in kept.items()}

@@ -16,6 +16,7 @@ from steerserve.adapters.lora.slots import LoraSlots
 from steerserve.adapters.steering.plan import SteeringPlan, decode_plan
 from steerserve.decoding.model.info import ModelInfo
 from steerserve.decoding.model.loader import LoadedModel
+from steerserve.decoding.model.prefix_cache import PrefixCache
 from steerserve.decoding.model.runner import ModelRunner
 from steerserve.decoding.request import LaneSpec
 
@@ -33,6 +34,8 @@ class Lane:
     fed: int = 0  # the owner's output tokens already in this lane's cache
     wants_prompt_logits: bool = False
     capture_layers: tuple[int, ...] = ()  # block outputs kept at the sampled position(s)
+    reused: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    written: int = 0  # positions its slot may hold data at (padding included): zeroed on leave
 
     @property
     def prompt_ids(self) -> tuple[int, ...]:
@@ -47,23 +50,43 @@ class Lane:
         return self.owner.output_ids[self.fed]
 
 
+def shares_prefixes(lane: Lane) -> bool:
+    """Keys that depend on the tokens alone (no adapter, no steering), and no need for every
+    prompt position's logits."""
+    spec = lane.spec
+    return spec.adapter is None and spec.steering is None and not lane.wants_prompt_logits
+
+
 class HostedModel:
     """One hosted model: its runner, LoRA slots and the lanes in its KV-cache slots."""
 
     def __init__(self, loaded: LoadedModel, runner: ModelRunner,
                  lora_slots: LoraSlots | None) -> None:
+        """The runner's slots past its lane slots hold the prefix cache."""
         self.name = loaded.name
         self.loaded = loaded
         self.runner = runner
         self.lora_slots = lora_slots
         self.info = ModelInfo.of(loaded, runner.vocab_size)
+        total = runner.cache.shape.num_slots
+        self.prefix_cache = PrefixCache(runner.cache, range(runner.lane_slots, total)) \
+            if total > runner.lane_slots else None
         self.lanes: list[Lane] = []
         self.reserved = 0  # slots promised to lanes that join after a prefill (late lanes)
         self._decode_plan: tuple[tuple, SteeringPlan | None] = ((), None)
 
     @property
     def num_slots(self) -> int:
-        return self.runner.cache.shape.num_slots
+        return self.runner.lane_slots
+
+    def reuse_prefix(self, lane: Lane) -> None:
+        """A plain lane starts from the prefix cache's longest match (copied into its slot)."""
+        if self.prefix_cache is not None and shares_prefixes(lane):
+            lane.reused = self.prefix_cache.reuse(lane.prompt_ids, lane.slot)
+
+    def remember_prefix(self, lane: Lane) -> None:
+        if self.prefix_cache is not None and shares_prefixes(lane):
+            self.prefix_cache.remember(lane.prompt_ids, lane.slot)
 
     @property
     def free_slots(self) -> int:
@@ -89,13 +112,14 @@ class HostedModel:
         keep = len(self.lanes) - len(gone)
         cache = self.runner.cache
         for lane in leaving:
-            cache.clear(lane.slot, lane.cached_length + 1)
+            cache.clear(lane.slot, max(lane.written, lane.cached_length + 1))
         holes = sorted(lane.slot for lane in leaving if lane.slot < keep)
         movers = [lane for lane in self.lanes[keep:] if id(lane) not in gone]
         for hole, lane in zip(holes, movers, strict=True):
-            if lane.prefilled:
-                self.runner.move_slot(lane.slot, hole, lane.cached_length)
-            cache.clear(lane.slot, lane.cached_length + 1)
+            if lane.prefilled or lane.reused:  # a reused prefix is in the slot before prefill
+                self.runner.move_slot(lane.slot, hole,
+                                      lane.cached_length if lane.prefilled else lane.reused)
+            cache.clear(lane.slot, max(lane.written, lane.cached_length + 1))
             lane.slot = hole
         self.lanes = sorted((lane for lane in self.lanes if id(lane) not in gone),
                             key=lambda lane: lane.slot)

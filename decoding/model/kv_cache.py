@@ -69,6 +69,12 @@ class SlotKVCache:
         rows = slice(first_slot, first_slot + positions.shape[0])
         return CacheWindow(self, rows, None, positions, kv_len)
 
+    def for_rows_at(self, first_slot: int, grid: torch.Tensor, kv_len: int) -> CacheWindow:
+        """Row r writes its T tokens at positions grid[r] (a prefill after a reused prefix:
+        each row starts where its prefix ends); reads 0..kv_len-1 (masked per row)."""
+        rows = slice(first_slot, first_slot + grid.shape[0])
+        return CacheWindow(self, rows, None, None, kv_len, grid)
+
     def clear(self, slot: int, length: int) -> None:
         """Zero a slot's first `length` positions when its lane leaves. Attention reads every
         row up to the batch's longest length, masked: a masked position still multiplies its
@@ -81,7 +87,7 @@ class SlotKVCache:
             values[slot, :, :length].zero_()
 
     def move_slot(self, source: int, target: int, length: int) -> None:
-        """Copy a lane's first `length` positions to another slot (compaction on leave)."""
+        """Copy a slot's first `length` positions to another (compaction on leave, prefixes)."""
         for keys, values in zip(self.keys, self.values, strict=True):
             keys[target, :, :length] = keys[source, :, :length]
             values[target, :, :length] = values[source, :, :length]
@@ -91,19 +97,25 @@ class CacheWindow:
     """What one forward sees: the duck-typed cache object the HF attention layers call."""
 
     def __init__(self, cache: SlotKVCache, rows: slice, start: int | None,
-                 positions: torch.Tensor | None, kv_len: int) -> None:
+                 positions: torch.Tensor | None, kv_len: int,
+                 grid: torch.Tensor | None = None) -> None:
         self.cache = cache
         self.rows = rows
         self.start = start
         self.positions = positions
+        self.grid = grid  # (B, T) positions of every written token, when rows start apart
         self.kv_len = kv_len
-        if positions is not None:
-            self._row_index = torch.arange(rows.start, rows.stop, device=positions.device)
+        indexed = positions if positions is not None else grid
+        if indexed is not None:
+            self._row_index = torch.arange(rows.start, rows.stop, device=indexed.device)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         keys, values = self.cache.keys[layer_idx], self.cache.values[layer_idx]
         # key, value: (B, kv_heads, T, head_dim)
-        if self.positions is None:
+        if self.grid is not None:  # indexed as (B, T, kv_heads, head_dim)
+            keys[self._row_index.unsqueeze(1), :, self.grid] = key.transpose(1, 2)
+            values[self._row_index.unsqueeze(1), :, self.grid] = value.transpose(1, 2)
+        elif self.positions is None:
             end = self.start + key.shape[2]
             keys[self.rows, :, self.start:end] = key
             values[self.rows, :, self.start:end] = value

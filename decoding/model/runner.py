@@ -43,6 +43,17 @@ def prefill_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
     return (causal.unsqueeze(0) & valid.unsqueeze(1)).unsqueeze(1)
 
 
+def offset_prefill_mask(starts: torch.Tensor, lengths: torch.Tensor, width: int,
+                        kv_len: int) -> torch.Tensor:
+    """(B, 1, T, kv_len) for rows whose T new tokens follow a reused prefix of starts[b]
+    tokens: token t of row b sees keys 0..starts[b] + t, never the row's padding."""
+    keys = torch.arange(kv_len, device=starts.device).view(1, 1, kv_len)  # (1, 1, K)
+    queries = torch.arange(width, device=starts.device).view(1, width, 1)  # (1, T, 1)
+    start = starts.view(-1, 1, 1)
+    end = (starts + lengths).view(-1, 1, 1)
+    return ((keys <= start + queries) & (keys < end)).unsqueeze(1)
+
+
 def decode_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
     """(B, 1, 1, kv_len): row b sees keys 0..positions[b]."""
     keys = torch.arange(kv_len, device=positions.device)
@@ -62,14 +73,17 @@ def choose_forward(model: torch.nn.Module, requested: str) -> str:
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, num_slots: int,
-                 lora_bank: LoraBank | None = None, forward: str = "auto") -> None:
+                 lora_bank: LoraBank | None = None, forward: str = "auto",
+                 extra_slots: int = 0) -> None:
+        """`num_slots` for lanes, then `extra_slots` more for the prefix cache."""
         self.loaded = loaded
         self.model = loaded.model
         self.decoder = getattr(self.model, self.model.base_model_prefix)
         self.lm_head = self.model.get_output_embeddings()
         self.device = loaded.device
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
-        shape = cache_shape_for(self.model.config, num_slots, loaded.max_model_len)
+        self.lane_slots = num_slots
+        shape = cache_shape_for(self.model.config, num_slots + extra_slots, loaded.max_model_len)
         self.cache = SlotKVCache(shape, loaded.dtype, loaded.device)
         self.lora_bank = lora_bank
         # transformers renamed the decoders' `past_key_values` to `cache` (5.2x): either works
@@ -126,11 +140,21 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, first_slot: int, prompts: list[list[int]], want_prompt_logits: list[bool],
-                lora_slots: list[int] | None = None,
-                steering: SteeringPlan | None = None) -> PrefillResult:
-        """Right-padded prompts in consecutive slots, all starting at position 0."""
+                lora_slots: list[int] | None = None, steering: SteeringPlan | None = None,
+                starts: list[int] | None = None) -> PrefillResult:
+        """Right-padded prompts in consecutive slots, from position 0, or each from its
+        starts[b]: the tokens after a prefix whose keys and values are already in the slot."""
         ids, lengths, positions, mask = self._padded(prompts)
-        window = self.cache.for_prefill(first_slot, len(prompts), 0, ids.shape[1])
+        if starts is None or not any(starts):
+            window = self.cache.for_prefill(first_slot, len(prompts), 0, ids.shape[1])
+        else:
+            offset = torch.tensor(starts, device=self.device)
+            positions = positions + offset.unsqueeze(1)  # (B, T)
+            kv_len = int((offset + lengths).max())
+            # A short row's padding may run past the cache: it writes at the last position
+            grid = positions.clamp(max=self.cache.shape.max_len - 1)
+            window = self.cache.for_rows_at(first_slot, grid, kv_len)
+            mask = offset_prefill_mask(offset, lengths, ids.shape[1], kv_len)
         hidden = self._run(ids, positions, mask, window, lora_slots, steering)  # (B, T, C)
         rows = torch.arange(len(prompts), device=self.device)
         last_hidden = hidden[rows, lengths - 1]
