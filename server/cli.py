@@ -61,7 +61,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-queue", type=int, default=DEFAULTS.max_queue,
                        help="waiting sequences beyond which requests get HTTP 429")
     group.add_argument("--max-prefill-tokens", type=int, default=DEFAULTS.max_prefill_tokens,
-                       help="padded prompt tokens per prefill forward (bounds decode stalls)")
+                       help="padded prompt tokens prefilled per step; longer prompts are "
+                            "prefilled in chunks of this size beside the running decodes "
+                            "(bounds their stalls)")
     group.add_argument("--max-n", type=int, default=DEFAULTS.max_n,
                        help="largest 'n' (choices per request) accepted")
     group.add_argument("--max-stop", type=int, default=DEFAULTS.max_stop,

@@ -17,7 +17,7 @@ class ServerSettings:
     max_model_len: int | None = 4096
     max_num_seqs: int = 64
     max_queue: int = 512
-    max_prefill_tokens: int = 4096
+    max_prefill_tokens: int = 512
     forward: str = "auto"  # auto | fused | hf
     prefix_cache_slots: int = 8
     max_n: int = 16

@@ -35,6 +35,37 @@ def test_rows_keep_their_own_truncation():
     assert not mask[0, 0] and mask[1, 0]
 
 
+def reference_mask(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """One row, the whole vocabulary sorted, as HF's and vLLM's warpers do it."""
+    probs, order = logits.softmax(-1).sort(descending=True)
+    removed = torch.zeros_like(probs, dtype=torch.bool)
+    if top_k > 0:
+        removed[top_k:] = True
+    if top_p < 1:
+        removed |= (probs.cumsum(-1) - probs) >= top_p
+    removed |= probs < min_p * probs[0]
+    removed[0] = False
+    return torch.zeros_like(removed).scatter_(0, order, removed)
+
+
+def test_partial_ranking_truncates_exactly_as_a_full_sort():
+    """Rows whose kept set ends inside the ranked candidates and rows that reach past them
+    (flat distributions, top-p near 1, top-k past the candidates), in one batch."""
+    torch.manual_seed(0)
+    vocab = 3000
+    settings = [dict(top_p=0.9), dict(top_p=0.999), dict(top_k=40), dict(top_k=1000),
+                dict(min_p=0.05), dict(min_p=1e-6), dict(top_k=300, top_p=0.95, min_p=0.01),
+                dict(), dict(top_p=0.5)]
+    for sharpness in (0.1, 1.0, 4.0):  # flat to peaked
+        logits = torch.randn(len(settings), vocab) * sharpness
+        rows = [RowState(SamplingParams(**setting)) for setting in settings]
+        mask = truncation_mask(logits.clone(), rows)
+        for i, setting in enumerate(settings):
+            expected = reference_mask(logits[i], setting.get("top_k", 0),
+                                      setting.get("top_p", 1.0), setting.get("min_p", 0.0))
+            assert torch.equal(mask[i], expected), (sharpness, setting)
+
+
 def test_penalties():
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
     params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25,

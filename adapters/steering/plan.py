@@ -131,10 +131,12 @@ def decode_plan(specs: list[SteeringSpec | None], device: torch.device) -> Steer
 
 
 def prefill_plan(specs: list[SteeringSpec | None], lengths: list[int], width: int,
-                 device: torch.device) -> SteeringPlan | None:
-    """Right-padded prompts: padding is never steered."""
+                 device: torch.device, ends_prompt: bool = True) -> SteeringPlan | None:
+    """Right-padded prompts: padding is never steered. Edits of generated tokens act at the
+    prompt's last position (it yields the first one), so not in a chunk that ends earlier."""
     prompt_rows = [[e for e in spec.edits if e.on_prompt] if spec else [] for spec in specs]
-    last_rows = [[e for e in spec.edits if not e.on_prompt] if spec else [] for spec in specs]
+    last_rows = [[e for e in spec.edits if not e.on_prompt] if spec and ends_prompt else []
+                 for spec in specs]
     if not any(prompt_rows) and not any(last_rows):
         return None
     positions = torch.arange(width, device=device)

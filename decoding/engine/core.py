@@ -1,8 +1,9 @@
 """The engine: a step loop on its own thread over continuously batched lanes.
 
-One step = admit -> compute (forwards per hosted model, late lanes, combine, sample; each
-request alone if the batch raised) -> commit (lanes advance, tokens reach their requests,
-finished requests free their slots). Other threads only submit, abort, call and read counts.
+One step = admit (and a chunk of a long prompt) -> compute (forwards per hosted model, late
+lanes, combine, sample; each request alone if the batch raised) -> commit (lanes advance,
+tokens reach their requests, finished requests free their slots). Other threads only submit,
+abort, call and read counts.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from steerserve.adapters.lora.bank import LoraBank
 from steerserve.adapters.lora.slots import LoraSlots
 from steerserve.adapters.steering.hooks import install_steering_hooks
 from steerserve.decoding.engine.admission import Admission
+from steerserve.decoding.engine.chunking import advance_warming
 from steerserve.decoding.engine.compute import StepComputer, StepOutcome
 from steerserve.decoding.engine.inbox import Abort, Call, Message, Submit, Wake
 from steerserve.decoding.engine.isolation import compute_isolated
@@ -43,7 +45,8 @@ logger = logging.getLogger(__name__)
 class EngineConfig:
     max_num_seqs: int = 64  # KV-cache slots per hosted model = lanes decoded together
     max_queue: int = 512  # waiting requests beyond this are refused (HTTP 429)
-    max_prefill_tokens: int = 4096  # padded prompt tokens per prefill forward
+    max_prefill_tokens: int = 512  # padded prompt tokens per prefill forward; longer
+    # prompts are prefilled this many tokens a step (chunked prefill)
     max_loras: int = 0  # LoRA slots (adapters resident at once); 0 = LoRA off
     max_lora_rank: int = 16
     lora_triton: bool | None = None  # None: the process's choice (kernels.dispatch)
@@ -168,14 +171,18 @@ class Engine:
 
     def step(self) -> None:
         self._drain_inbox()
-        admitted = self.scheduler.admit(self._place, self._refuse)
-        self._running = len(self.scheduler.running)
+        admitted = self.scheduler.admit(self._place, self._refuse) + self._warm()
+        self._running = self.scheduler.num_placed
         running = list(self.scheduler.running)
         if not running:
             return
         outcomes = compute_isolated(self.compute, running, admitted, self._fail)
         self._commit(outcomes, admitted)
         self.stats.steps += 1
+
+    def _warm(self) -> list[Sequence]:
+        return advance_warming(self.scheduler, self.models, self.config.max_prefill_tokens,
+                               self._fail_now)
 
     def _commit(self, outcomes: list[StepOutcome], admitted: list[Sequence]) -> None:
         for outcome in outcomes:
@@ -232,15 +239,23 @@ class Engine:
 
     def _fail(self, s: Sequence, exc: Exception) -> None:
         """End one request with an error now; its lanes are freed after the step's commit."""
+        self._report_failure(s, exc)
+        self._leaving.append(s)
+
+    def _fail_now(self, s: Sequence, exc: Exception) -> None:
+        """Outside a step's computation: its lanes are freed at once."""
+        self._report_failure(s, exc)
+        self._release([s])
+
+    def _report_failure(self, s: Sequence, exc: Exception) -> None:
         s.finish_reason = FinishReason.ERROR
         self.output.emit(s, (), (), None, failure=Failure(f"internal error during generation: "
                                                           f"{type(exc).__name__}: {exc}"))
-        self._leaving.append(s)
 
     def _release(self, leaving: list[Sequence]) -> None:
         self.admission.release(leaving)
         self.scheduler.release(leaving)
-        self._running = len(self.scheduler.running)
+        self._running = self.scheduler.num_placed
         for s in leaving:
             self.output.count_finished(s)
 
@@ -261,7 +276,7 @@ class Engine:
         with self._lock:
             self._death = reason
         failure = Failure(reason, status=503)
-        for s in self.scheduler.running:
+        for s in (*self.scheduler.running, *self.scheduler.warming):
             s.finish_reason = FinishReason.ERROR
             s.sink(_ended(s.request, FinishReason.ERROR, failure, len(s.output_ids)))
         pending = list(self.scheduler.waiting)

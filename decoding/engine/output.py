@@ -34,8 +34,8 @@ class Output:
                 lane.fed += 1
             else:
                 lane.prefilled = True
-                self.stats.prompt_tokens += len(lane.prompt_ids) - lane.reused
-                self.stats.cached_prompt_tokens += lane.reused
+                self.stats.prompt_tokens += len(lane.prompt_ids) - lane.from_cache
+                self.stats.cached_prompt_tokens += lane.from_cache
                 self.models[lane.spec.model].remember_prefix(lane)
 
     def take(self, s: Sequence, row: RowOutcome, admitted: bool) -> None:

@@ -118,3 +118,20 @@ def prefill(hosted: HostedModel, lanes: list[Lane]) -> Results:
     return {lane: LaneResult(out.last_logits[row], out.last_hidden[row],
                              out.prompt_logits[row], early[row])
             for row, lane in enumerate(lanes)}
+
+
+def prefill_part(hosted: HostedModel, lanes: list[Lane], ends: list[int]) -> None:
+    """Prompt tokens reused..ends[i]-1 of each lane (consecutive slots) into its slot, nothing
+    sampled: a long prompt prefilled a chunk a step. Each lane's `reused` moves to its end."""
+    prompts = [list(lane.prompt_ids[lane.reused:end]) for lane, end in zip(lanes, ends,
+                                                                            strict=True)]
+    lengths = [len(p) for p in prompts]
+    steering = prefill_plan([lane.spec.steering for lane in lanes], lengths, max(lengths),
+                            hosted.loaded.device, ends_prompt=False)
+    hosted.runner.prefill(lanes[0].slot, prompts, [False] * len(lanes),
+                          [lane.lora_slot for lane in lanes], steering,
+                          [lane.reused for lane in lanes])
+    width = max(lengths)
+    for lane, end in zip(lanes, ends, strict=True):
+        lane.written = max(lane.written, lane.reused + width)
+        lane.reused = end

@@ -34,7 +34,8 @@ class Lane:
     fed: int = 0  # the owner's output tokens already in this lane's cache
     wants_prompt_logits: bool = False
     capture_layers: tuple[int, ...] = ()  # block outputs kept at the sampled position(s)
-    reused: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    reused: int = 0  # prompt tokens already in its slot (prefix cache, earlier chunks)
+    from_cache: int = 0  # of those, the ones copied from the prefix cache
     written: int = 0  # positions its slot may hold data at (padding included): zeroed on leave
 
     @property
@@ -82,7 +83,7 @@ class HostedModel:
     def reuse_prefix(self, lane: Lane) -> None:
         """A plain lane starts from the prefix cache's longest match (copied into its slot)."""
         if self.prefix_cache is not None and shares_prefixes(lane):
-            lane.reused = self.prefix_cache.reuse(lane.prompt_ids, lane.slot)
+            lane.reused = lane.from_cache = self.prefix_cache.reuse(lane.prompt_ids, lane.slot)
 
     def remember_prefix(self, lane: Lane) -> None:
         if self.prefix_cache is not None and shares_prefixes(lane):
@@ -116,7 +117,7 @@ class HostedModel:
         holes = sorted(lane.slot for lane in leaving if lane.slot < keep)
         movers = [lane for lane in self.lanes[keep:] if id(lane) not in gone]
         for hole, lane in zip(holes, movers, strict=True):
-            if lane.prefilled or lane.reused:  # a reused prefix is in the slot before prefill
+            if lane.prefilled or lane.reused:  # a prefix may be in the slot before prefill
                 self.runner.move_slot(lane.slot, hole,
                                       lane.cached_length if lane.prefilled else lane.reused)
             cache.clear(lane.slot, max(lane.written, lane.cached_length + 1))

@@ -1,0 +1,64 @@
+"""Chunked prefill: a prompt longer than the prefill budget is prefilled a chunk per step,
+beside the decode of the running requests, instead of in one forward that stalls them.
+
+Its lanes hold their slots meanwhile; each chunk writes keys and values after those already
+in the slot (the prefix cache's offset prefill), and the last part (at most one budget)
+runs as an ordinary prefill when the request joins the running ones, so sampling, late
+lanes and early-exit captures see nothing different. Lanes that score their prompt need
+every position's logits in one forward and are not chunked.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from steerserve.decoding.engine.state import Sequence
+from steerserve.decoding.model import forward
+from steerserve.decoding.model.hosted import HostedModel, Lane
+
+if TYPE_CHECKING:  # the scheduler asks `needs_chunks` which requests warm
+    from steerserve.decoding.engine.scheduler import Scheduler
+
+
+logger = logging.getLogger(__name__)
+
+
+def rest(lane: Lane) -> int:
+    return len(lane.prompt_ids) - lane.reused
+
+
+def needs_chunks(s: Sequence, budget: int) -> bool:
+    lanes = s.unique_lanes
+    return (not any(lane.wants_prompt_logits for lane in lanes)
+            and max(rest(lane) for lane in lanes) > budget)
+
+
+def prefill_chunk(models: dict[str, HostedModel], s: Sequence, budget: int) -> None:
+    """The next `budget` tokens of every lane whose rest is longer than one budget."""
+    by_model: dict[str, list[Lane]] = {}
+    for lane in s.unique_lanes:
+        if rest(lane) > budget:  # leaves at least one token: the last position must run
+            by_model.setdefault(lane.spec.model, []).append(lane)
+    for name, lanes in by_model.items():
+        for run in forward.slot_runs(lanes):
+            forward.prefill_part(models[name], run, [lane.reused + budget for lane in run])
+
+
+def advance_warming(scheduler: Scheduler, models: dict[str, HostedModel], budget: int,
+                    fail: Callable[[Sequence, Exception], None]) -> list[Sequence]:
+    """The oldest long prompt joins the running requests once its rest fits one prefill
+    (returned: it prefills in this step), or else gets one chunk now: one chunk a step, so
+    running streams go on."""
+    joined = scheduler.join_warmed()
+    if joined is not None:
+        return [joined]
+    if scheduler.warming:
+        s = scheduler.warming[0]
+        try:
+            prefill_chunk(models, s, budget)
+        except Exception as exc:  # this request only
+            logger.exception("request %s failed in a prefill chunk", s.request_id)
+            fail(s, exc)
+    return []
