@@ -245,6 +245,19 @@ def test_mixed_methods_in_one_batch_equal_each_alone(engine, tokenizer):
     assert all(not hosted.lanes and hosted.reserved == 0 for hosted in engine.models.values())
 
 
+def test_dola_requests_batched_together_equal_each_alone(engine):
+    """Early exits and divergences are computed for several requests at once, grouped by
+    their number of candidate layers."""
+    jobs = [(PROMPTS[0], DoLa(lanes(("deep", PROMPTS[0])), layers=(0, 2), relative_top=0.1)),
+            (PROMPTS[1], DoLa(lanes(("deep", PROMPTS[1])), layers=(0, 1, 2), relative_top=0.1)),
+            (PROMPTS[2], DoLa(lanes(("deep", PROMPTS[2])), layers=(1, 2), relative_top=0.2)),
+            (PROMPTS[1], DoLa(lanes(("deep", PROMPTS[1])), layers=(1,), relative_top=0.1))]
+    alone = [run_engine(engine, [job])[0] for job in jobs]
+    together = run_engine(engine, jobs)
+    for got, expected in zip(together, alone, strict=True):
+        assert_matches(got, expected)
+
+
 def test_proxy_with_base_as_anti_expert_shares_one_lane(engine, models):
     _, ref = models
     prompt = PROMPTS[1]

@@ -57,18 +57,24 @@ class DoLa(DecodingMethod):
     @classmethod
     def step_rows(cls, members: list[tuple[DecodingMethod, LaneView]],
                   early_exits: EarlyExits) -> list[torch.Tensor | None]:
-        """One LM-head call per model for every member's early exits: the head's weights are
-        read once, not once per request (4.6x faster at 8 requests)."""
+        """One LM-head call per model for every member's early exits (the head's weights are
+        read once, not once per request: 4.6x faster at 8 requests), and one divergence
+        computation for the members with as many candidates."""
         rows: list[torch.Tensor | None] = [None] * len(members)
         by_model: dict[str, list[int]] = {}
         for i, (method, _) in enumerate(members):
             by_model.setdefault(method.lanes[0].model, []).append(i)
         for model, group in by_model.items():
             states = [_last_states(*members[i]) for i in group]  # each (K, C)
-            logits = early_exits(model, torch.cat(states))  # (sum K, V)
-            for i, candidates in zip(group, logits.split([len(s) for s in states]), strict=True):
-                mature = members[i][1].logits(0).unsqueeze(0)  # (1, V)
-                rows[i] = premature(mature, candidates.unsqueeze(0))  # (1, V)
+            logits = early_exits(model, torch.cat(states)).split([len(s) for s in states])
+            by_count: dict[int, list[int]] = {}
+            for k, candidates in enumerate(logits):
+                by_count.setdefault(len(candidates), []).append(k)
+            for alike in by_count.values():
+                mature = torch.stack([members[group[k]][1].logits(0) for k in alike])  # (G, V)
+                chosen = premature(mature, torch.stack([logits[k] for k in alike]))  # (G, V)
+                for k, row in zip(alike, chosen, strict=True):
+                    rows[group[k]] = row.unsqueeze(0)
         return rows
 
     def prompt_rows(self, view: LaneView, count: int,
@@ -111,14 +117,14 @@ def dola_bucket(bucket: str, num_layers: int) -> tuple[int, ...]:
 
 
 def jensen_shannon(mature: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """(N, V) and (N, K, V) logits -> (N, K) JS divergences between the softmaxes."""
+    """(N, V) and (N, K, V) logits -> (N, K) JS divergences between the softmaxes, as
+    (H(m) - (H(p) + H(q)) / 2) with m = (p + q) / 2: a third of the passes over (N, K, V) of
+    the two KL sums (xlogy: 0 log 0 = 0, for tokens masked to -inf)."""
     p = mature.float().softmax(-1).unsqueeze(1)  # (N, 1, V)
     q = candidates.float().softmax(-1)  # (N, K, V)
-    m = 0.5 * (p + q)
-    log_m = m.clamp_min(1e-30).log()
-    kl_p = (p * (p.clamp_min(1e-30).log() - log_m)).sum(-1)
-    kl_q = (q * (q.clamp_min(1e-30).log() - log_m)).sum(-1)
-    return 0.5 * (kl_p + kl_q)
+    neg_entropies = torch.special.xlogy(p, p).sum(-1) + torch.special.xlogy(q, q).sum(-1)
+    m = (p + q).mul_(0.5)
+    return 0.5 * neg_entropies - torch.special.xlogy(m, m).sum(-1)
 
 
 def premature(mature: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
