@@ -163,8 +163,11 @@ BAD = [
      "decoding.expert"),
     ({"method": "contrastive", "amateur": "expert", "key_num": 3}, 400, "decoding.key_num"),
     ({"method": "contrastive", "amateur": "expert", "alpha": 1.5}, 400, "decoding.alpha"),
-    ({"method": "dola", "layers": [1]}, 400, "decoding.layers"),  # 2 layers: only 0
-    ({"method": "dola", "layers": "high"}, 400, "decoding.layers"),
+    ({"method": "dola", "layers": [1], "layer_indexing": "blocks"}, 400,
+     "decoding.layers"),  # 2 blocks: only block 0 is premature
+    ({"method": "dola", "layers": "high", "layer_indexing": "blocks"}, 400, "decoding.layers"),
+    ({"method": "dola", "layers": [2]}, 400, "decoding.layers"),  # hidden state 2 is mature
+    ({"method": "dola", "relative_top": -0.1}, 400, "decoding.relative_top"),
     ({"method": "beam"}, 400, "decoding.method"),
     ({"method": "sh2", "alpha": -1}, 400, "decoding.alpha"),
     (arithmetic(("expert", 1.0)), 400, "decoding.terms"),  # the request's model is missing

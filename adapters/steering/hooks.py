@@ -4,7 +4,8 @@ Nothing is stored on the model between forwards: the step's SteeringPlan travels
 `steering` keyword of the decoder forward, which transformers hands to every decoder layer
 and on to its attention function. Two hook points read it:
 
-* a forward hook on each decoder block edits the block's output (the residual stream);
+* a forward hook on each decoder block edits the block's output (the residual stream), and
+  a pre-hook on the first block captures the embedding output (DoLa's layer 0);
 * an attention function registered with transformers wraps the model's own one (sdpa) and
   edits the heads' outputs before the output projection (ITI / LoFiT offsets).
 """
@@ -15,7 +16,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from steerserve.adapters.steering.plan import SteeringPlan
+from steerserve.adapters.steering.plan import EMBEDDINGS, SteeringPlan
 from steerserve.adapters.steering.spec import SteerTarget
 from steerserve.kernels.steering.ops import steer_heads, steer_residual
 
@@ -28,6 +29,13 @@ def _steer_block(module: torch.nn.Module, args, kwargs, output):
         hidden = output[0] if isinstance(output, tuple) else output  # (B, T, C)
         steer_block_output(plan, module.steer_layer_index, hidden)
     return None  # edited in place
+
+
+def _capture_embeddings(module: torch.nn.Module, args, kwargs):
+    plan: SteeringPlan | None = kwargs.get(PLAN_KEYWORD)
+    if plan and plan.capture is not None and plan.capture.target == SteerTarget.RESIDUAL:
+        hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, C)
+        plan.capture.read(EMBEDDINGS, hidden)
 
 
 def steer_block_output(plan: SteeringPlan, layer: int, hidden: torch.Tensor) -> None:
@@ -83,6 +91,7 @@ def install_steering_hooks(model: torch.nn.Module) -> None:
     for index, layer in enumerate(decoder.layers):
         layer.steer_layer_index = index
         layer.register_forward_hook(_steer_block, with_kwargs=True)
+    decoder.layers[0].register_forward_pre_hook(_capture_embeddings, with_kwargs=True)
     current = model.config._attn_implementation
     inner = ALL_ATTENTION_FUNCTIONS.get(current)
     if inner is None:

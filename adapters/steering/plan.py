@@ -37,6 +37,9 @@ class HeadCall:
     position_mask: torch.Tensor | None  # (R, S) bool
 
 
+EMBEDDINGS = -1  # the capture index of the embedding output (the input of block 0)
+
+
 @dataclass
 class Capture:
     """Record block outputs (or heads' outputs): vector extraction, DoLa's early exits."""

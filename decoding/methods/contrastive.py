@@ -27,7 +27,8 @@ class ContrastiveParams:
     variant: Literal["li2022", "obrien2023"] | None = param(
         None, doc="li2022 (log-probabilities, default) or obrien2023 (raw logits)")
     alpha: float | None = param(None, doc="plausibility threshold: keep tokens with p >= alpha "
-                                "* max p under the expert (default 0.1)", gt=0.0, le=1.0)
+                                "* max p under the expert (default 0.1; 0: no mask)", ge=0.0,
+                                le=1.0)
     beta: float | None = param(None, doc="weight of the amateur (default 0.5)", ge=0.0,
                                le=100.0)
     amateur_temperature: float | None = param(None, doc="li2022: the amateur's temperature "
@@ -62,6 +63,11 @@ class Contrastive(DecodingMethod):
 
     def mix(self) -> Mix:
         if self.variant == "li2022":
-            return Mix((lane(0), lane(1, -self.beta)), True, plausible=0, alpha=self.alpha)
-        return Mix((lane(0, 1.0 + self.beta), lane(1, -self.beta)), False, plausible=0,
-                   alpha=self.alpha)
+            return Mix((lane(0), lane(1, -self.beta)), True, plausible=self._plausible,
+                       alpha=self.alpha)
+        return Mix((lane(0, 1.0 + self.beta), lane(1, -self.beta)), False,
+                   plausible=self._plausible, alpha=self.alpha)
+
+    @property
+    def _plausible(self) -> int | None:
+        return 0 if self.alpha > 0 else None  # alpha 0: no mask

@@ -1,7 +1,16 @@
 """DoLa (Chuang et al. 2024): lsm(mature) - lsm(premature), over the mature-plausible set.
 
-The premature layer is, per token, the candidate block output whose distribution (final norm
-and LM head applied early) has the largest Jensen-Shannon divergence from the mature one.
+The premature layer is, per token, the candidate layer whose distribution (final norm and LM
+head applied early) has the largest Jensen-Shannon divergence from the mature one.
+
+Layers are counted as in the reference code (and `dola_layers` in transformers): hidden state
+0 is the embedding output and hidden state j the output of block j - 1, so a model of N blocks
+has candidates 0..N-1 and the mature distribution is hidden state N. The buckets are the
+reference's: `low` = range(0, N // 2, 2), `high` = range(N // 2, N, 2) (for N > 40, the first
+and last 20). `layer_indexing: "blocks"` counts block outputs from 0 instead, with buckets of
+every second block of each half. Internally a candidate is a block index, EMBEDDINGS (-1) for
+the embedding output. `relative_top` 0 turns the plausibility mask off, as the reference's
+multiple-choice scoring runs.
 """
 
 from __future__ import annotations
@@ -28,10 +37,14 @@ from steerserve.decoding.request import LaneSpec
 @dataclass(frozen=True)
 class DoLaParams:
     layers: Literal["low", "high"] | list[int] | None = param(
-        None, doc="candidate premature layers: the bucket 'low' or 'high' (default; every "
-        "second block of that half, the last block excluded) or block indices", max_length=256)
+        None, doc="candidate premature layers: the bucket 'low' or 'high' (default) or layer "
+        "indices, counted as `layer_indexing` says", max_length=256)
     relative_top: float | None = param(None, doc="plausibility threshold under the mature "
-                                       "distribution (default 0.1)", gt=0.0, le=1.0)
+                                       "distribution (default 0.1; 0: no mask, as the "
+                                       "reference's multiple-choice scoring)", ge=0.0, le=1.0)
+    layer_indexing: Literal["hidden_states", "blocks"] | None = param(
+        None, doc="'hidden_states' (default, the reference's: 0 is the embedding output, j the "
+        "output of block j - 1) or 'blocks' (0 is the first block's output)")
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,17 +52,23 @@ class DoLa(DecodingMethod):
     name: ClassVar[str] = "dola"
     Params: ClassVar[type] = DoLaParams
     lanes: tuple[LaneSpec, ...]  # the mature lane
-    layers: tuple[int, ...] = ()
+    layers: tuple[int, ...] = ()  # block indices; EMBEDDINGS for the embedding output
     relative_top: float = 0.1
 
     @classmethod
     def build(cls, params: DoLaParams, planner: LanePlanner) -> DoLa:
         num_layers = planner.model(planner.base.model).shape.num_layers
         top = 0.1 if params.relative_top is None else params.relative_top
-        return cls((planner.base,), candidate_layers(params.layers, num_layers), top)
+        if params.layer_indexing == "blocks":
+            layers = candidate_blocks(params.layers, num_layers)
+        else:
+            # hidden state h is block h - 1's output; h = 0 gives EMBEDDINGS (-1)
+            layers = tuple(h - 1 for h in candidate_hidden_states(params.layers, num_layers))
+        return cls((planner.base,), layers, top)
 
     def mix(self) -> Mix:
-        return Mix((lane(0), derived(0, -1.0)), True, plausible=0, alpha=self.relative_top)
+        return Mix((lane(0), derived(0, -1.0)), True,
+                   plausible=0 if self.relative_top > 0 else None, alpha=self.relative_top)
 
     def capture_layers(self, position: int) -> tuple[int, ...]:
         return self.layers if position == 0 else ()
@@ -94,14 +113,28 @@ def _last_states(method: DecodingMethod, view: LaneView) -> torch.Tensor:
                         (early[layer] for layer in method.layers)])
 
 
-def candidate_layers(layers: str | list[int] | None, num_layers: int) -> tuple[int, ...]:
-    """A bucket (every second block output of one half, the final block excluded: its normed
-    output is the mature distribution) or explicit block indices."""
+def candidate_hidden_states(layers: str | list[int] | None, num_layers: int) -> tuple[int, ...]:
+    """The reference's candidates, as hidden-state indices (0 = the embedding output)."""
+    if isinstance(layers, list):
+        chosen = tuple(sorted(set(layers)))
+        if not chosen or any(not 0 <= h < num_layers for h in chosen):
+            raise ParamError("layers", f"DoLa's premature layers must lie in 0..{num_layers - 1}"
+                             f" (hidden state {num_layers} is the mature distribution)")
+        return chosen
+    half = num_layers // 2
+    if (layers or "high") == "low":
+        return tuple(range(0, half if num_layers <= 40 else 20, 2)) or (0,)
+    return tuple(range(half if num_layers <= 40 else num_layers - 20, num_layers, 2))
+
+
+def candidate_blocks(layers: str | list[int] | None, num_layers: int) -> tuple[int, ...]:
+    """Block indices: a bucket (every second block output of one half, the final block
+    excluded: its normed output is the mature distribution) or explicit blocks."""
     chosen = dola_bucket(layers or "high", num_layers) if not isinstance(layers, list) \
         else tuple(sorted(set(layers)))
     if isinstance(layers, list) and (not chosen or any(not 0 <= layer < num_layers - 1
                                                        for layer in chosen)):
-        raise ParamError("layers", f"DoLa's premature layers must lie in 0..{num_layers - 2} "
+        raise ParamError("layers", f"DoLa's premature blocks must lie in 0..{num_layers - 2} "
                          "(the last block's output is the mature distribution)")
     if not chosen:
         raise ParamError("layers", f"this model has too few layers ({num_layers}) for the "

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from steerserve.adapters.lora.bank import LoraBank, LoraLinear
-from steerserve.adapters.steering.hooks import steer_block_output, steer_heads_output
+from steerserve.adapters.steering.hooks import EMBEDDINGS, steer_block_output, steer_heads_output
 from steerserve.adapters.steering.plan import SteeringPlan
 
 FAMILY = frozenset({"llama", "mistral", "qwen2", "qwen3"})
@@ -124,6 +124,8 @@ class FusedDecoder:
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
                  window, steering: SteeringPlan | None) -> torch.Tensor:
         x = self.embed(input_ids)  # (B, T, C)
+        if steering and steering.capture is not None:
+            steering.capture.read(EMBEDDINGS, x)
         cos, sin = self.rotary(x, position_ids)  # (B, T, D)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D)
         lora = self.lora_bank.active if self.lora_bank is not None else None
