@@ -33,6 +33,8 @@ from steerserve.decoding.methods.base import (
 )
 from steerserve.decoding.request import LaneSpec
 
+SCORING_BLOCK = 8  # prompt positions whose early exits are scored together
+
 
 @dataclass(frozen=True)
 class DoLaParams:
@@ -98,13 +100,19 @@ class DoLa(DecodingMethod):
 
     def prompt_rows(self, view: LaneView, count: int,
                     early_exits: EarlyExits) -> torch.Tensor:
-        """Every prompt position at once: (count, K) early exits through one LM-head call."""
+        """Every prompt position: (count, K) early exits through the LM head and their
+        divergences, a block of positions at a time (the (positions, K, V) intermediates of
+        a whole prompt are hundreds of MB; a block stays in cache)."""
         states = torch.stack([view.early(0)[layer][-count - 1:-1] for layer in self.layers],
                              dim=1)  # (count, K, C): position t predicts prompt token t + 1
-        logits = early_exits(self.lanes[0].model, states.flatten(0, 1))
-        candidates = logits.view(count, len(self.layers), -1)  # (count, K, V)
         mature = view.prompt_logits(0)[-count:]  # (count, V)
-        return premature(mature, candidates).unsqueeze(1)  # (count, 1, V)
+        rows = []
+        for start in range(0, count, SCORING_BLOCK):
+            block = states[start:start + SCORING_BLOCK]
+            logits = early_exits(self.lanes[0].model, block.flatten(0, 1))
+            rows.append(premature(mature[start:start + SCORING_BLOCK],
+                                  logits.view(len(block), len(self.layers), -1)))
+        return torch.cat(rows).unsqueeze(1)  # (count, 1, V)
 
 
 def _last_states(method: DecodingMethod, view: LaneView) -> torch.Tensor:

@@ -153,14 +153,14 @@ def combine_lanes_dense(
 
     scaled = lane_logits / lane_temperature.unsqueeze(-1)  # (L, V)
     lsm = _log_softmax_keep_neg_inf(scaled)  # (L, V); computed for all lanes: no sync to check
-    choices = torch.stack([scaled, lsm])  # (2, L, V)
     which = log_softmax.long()  # (R,): 0 raw, 1 log-softmax
+    choices = torch.stack([scaled, lsm]).flatten(0, 1)  # (2 L, V): row which * L + lane
     impossible = torch.zeros(num_rows, vocab, dtype=torch.bool, device=out.device)
     for slot in range(slots):  # rows in parallel, slots in order (as the reference adds them)
         lane, w = lane_index[:, slot].long(), weight[:, slot]  # (R,), (R,)
         present = (lane >= 0) & (lane < num_lanes) & (w != 0)  # (R,)
         safe = torch.where(present, lane, 0)
-        values = choices[which, safe]  # (R, V)
+        values = choices[which * num_lanes + safe]  # (R, V)
         neg = present.unsqueeze(-1) & (values == NEG_INF)  # (R, V)
         impossible |= neg
         term = torch.where(present, w, 0.0).unsqueeze(-1) * values
