@@ -66,7 +66,7 @@ class LoraBank:
         self.scaling = torch.zeros(num_slots, dtype=torch.float32, device=self.device)
         self.slot_rank = [0] * num_slots
         self.active: LoraBatch | None = None
-        self._dense_cache: dict[tuple[str, tuple[int, ...]], tuple] = {}
+        self._dense_cache: dict[tuple, tuple] = {}
         if use_triton is None:  # the process's one choice for this device (kernels.dispatch)
             use_triton = kernels_use_triton(self.device)
         self.use_triton = use_triton
@@ -131,6 +131,34 @@ class LoraBank:
         # cost is dominated by per-op overhead at these sizes.
         a_used, b_used = self._dense(key, batch.used, batch.rank)  # (U*r, in), (U*r, out)
         y += ((x @ a_used.T) * batch.mask) @ b_used
+
+    def apply_fused(self, keys: tuple[str, ...], widths: tuple[int, ...], x: torch.Tensor,
+                    y: torch.Tensor, batch: LoraBatch) -> None:
+        """Dense path for projections sharing their input whose outputs are one tensor
+        y = [y_0 | y_1 | ...] (widths): one product with the stacked A's, one with a
+        block-diagonal B; projections no adapter targets add zeros."""
+        present = [key for key in keys if key in self.lora_a]
+        if not present:
+            return
+        a_used, b_used = self._dense_fused(keys, widths, batch.used, batch.rank)
+        shrunk = (x @ a_used.T).view(x.shape[0], len(present), -1)  # (N, K, U * r)
+        y += (shrunk * batch.mask.unsqueeze(1)).flatten(1) @ b_used
+
+    def _dense_fused(self, keys: tuple[str, ...], widths: tuple[int, ...],
+                     used: tuple[int, ...], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = self._dense_cache.get((keys, used))
+        if cached is None:
+            blocks = [(key, offset) for key, offset in
+                      zip(keys, [sum(widths[:i]) for i in range(len(keys))], strict=True)
+                      if key in self.lora_a]
+            parts = [self._dense(key, used, rank) for key, _ in blocks]
+            a = torch.cat([a for a, _ in parts])  # (K * U * r, in)
+            b = torch.zeros(a.shape[0], sum(widths), dtype=self.dtype, device=self.device)
+            for i, ((_, offset), (_, part_b)) in enumerate(zip(blocks, parts, strict=True)):
+                rows = slice(i * part_b.shape[0], (i + 1) * part_b.shape[0])
+                b[rows, offset:offset + part_b.shape[1]] = part_b
+            cached = self._dense_cache[(keys, used)] = (a, b)
+        return cached
 
     def _apply_kernels(self, key: str, x: torch.Tensor, y: torch.Tensor,
                        batch: LoraBatch) -> None:

@@ -149,6 +149,21 @@ class FusedDecoder:
         else:
             bank.apply(key, flat_x, flat_y, lora)
 
+    def _lora_fused(self, lora, keys: tuple[str, ...], x: torch.Tensor, y: torch.Tensor,
+                    parts: tuple[torch.Tensor, ...]) -> None:
+        """The deltas of projections fused into one output y (QKV, gate/up): on the dense
+        path one product pair for all of them (fewer small ops per layer, measured in
+        docs/benchmarks.md); the kernels take them one by one."""
+        if lora is None:
+            return
+        if self.lora_bank.use_triton:
+            for key, part in zip(keys, parts, strict=True):
+                self._lora(lora, key, x, part)
+            return
+        widths = tuple(part.shape[-1] for part in parts)
+        self.lora_bank.apply_fused(keys, widths, x.reshape(-1, x.shape[-1]),
+                                   y.view(-1, y.shape[-1]), lora)
+
     def _attention(self, layer: FusedLayer, x, cos, sin, mask, window, steering, lora):
         batch, length, _ = x.shape
         h = rms_norm(x, layer.input_norm, self.eps)
@@ -156,8 +171,9 @@ class FusedDecoder:
         q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
         q, k, v = qkv.split([q_width, kv_width, kv_width], dim=-1)
         attention = f"{layer.prefix}.self_attn"
-        for name, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
-            self._lora(lora, f"{attention}.{name}", h, part)
+        self._lora_fused(lora, tuple(f"{attention}.{name}" for name in ("q_proj", "k_proj",
+                                                                         "v_proj")),
+                         h, qkv, (q, k, v))
         q = q.view(batch, length, self.heads, self.head_dim)
         k = k.view(batch, length, self.kv_heads, self.head_dim)
         if layer.q_norm is not None:
@@ -199,8 +215,7 @@ class FusedDecoder:
         gate_up = F.linear(h, layer.gate_up, layer.gate_up_bias)  # (B, T, 2 I)
         gate, up = gate_up.chunk(2, dim=-1)
         mlp = f"{layer.prefix}.mlp"
-        self._lora(lora, f"{mlp}.gate_proj", h, gate)
-        self._lora(lora, f"{mlp}.up_proj", h, up)
+        self._lora_fused(lora, (f"{mlp}.gate_proj", f"{mlp}.up_proj"), h, gate_up, (gate, up))
         inner = self.act(gate) * up
         down = F.linear(inner, layer.down, layer.down_bias)
         self._lora(lora, f"{mlp}.down_proj", inner, down)
