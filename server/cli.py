@@ -90,7 +90,7 @@ def add_lora_options(parser: argparse.ArgumentParser) -> None:
                        "(symlinks followed)")
     group.add_argument("--allow-runtime-lora", action="store_true",
                        help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter "
-                       "(admin; guarded by --api-key when set)")
+                       "(admin: needs --admin-key when one is set, else --api-key)")
     group.add_argument("--max-loras", type=int, default=DEFAULTS.max_loras,
                        help="adapters resident at once (slots); the least recently used idle "
                        "adapter is evicted when a new one is needed")
