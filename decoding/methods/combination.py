@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 from steerserve.decoding.methods.base import DecodingMethod, EarlyExits, LaneView, Mix, Term
-from steerserve.kernels.combine.ops import combine_lanes
+from steerserve.kernels.combine.ops import combine_aligned, combine_lanes
 
 Member = tuple[DecodingMethod, LaneView]
 
@@ -126,7 +126,7 @@ def prompt_rows(method: DecodingMethod, view: LaneView, count: int,
                 early_exits: EarlyExits) -> torch.Tensor | None:
     """(count, V) scoring rows for the request's last `count` prompt positions (P - 1 of
     them): each lane is aligned on the request's prompt by its suffix (SH2's hesitation lane
-    carries a prefix), all positions in one combine call."""
+    carries a prefix), all positions combined at once."""
     if count <= 0:
         return None
     mix = method.mix()
@@ -134,9 +134,18 @@ def prompt_rows(method: DecodingMethod, view: LaneView, count: int,
         return view.prompt_logits(0)[-count:]
     derived = method.prompt_rows(view, count, early_exits)  # (count, D, V) or None
     width = view.prompt_logits(0).shape[-1]
-    table, calls = _Table(width), _Calls()
-    lane_rows = lambda position: view.prompt_logits(position)[-count:]  # noqa: E731
-    first, plausible = _indices(mix, view, derived, table, lane_rows)
-    for t in range(count):  # the table holds (count, V) blocks: row t of each
-        calls.add(mix, [i + t for i in first], plausible + t if plausible >= 0 else -1)
-    return calls.run(table)
+
+    def block(term: Term) -> torch.Tensor:
+        if term.source == "derived":
+            return fit(derived[:, term.index], width).float()
+        return fit(view.prompt_logits(term.index)[-count:], width).float()
+
+    def temperature(term: Term) -> float:
+        return 1.0 if term.source == "derived" else view.temperature(term.index)
+
+    plausible = None if mix.plausible is None else Term("lane", mix.plausible, 1.0)
+    return combine_aligned(  # every position combines the same lanes: blocks, no table
+        [block(term) for term in mix.terms], [temperature(term) for term in mix.terms],
+        [term.weight for term in mix.terms], mix.log_softmax,
+        block(plausible) if plausible else None,
+        temperature(plausible) if plausible else 1.0, mix.alpha)

@@ -16,6 +16,7 @@ import torch
 from steerserve.kernels import dispatch
 from steerserve.kernels.combine import ops as combine_module
 from steerserve.kernels.combine.ops import (
+    combine_aligned,
     combine_lanes,
     combine_lanes_dense,
     combine_lanes_torch,
@@ -431,3 +432,25 @@ def test_module_level_imports_leave_triton_out() -> None:
         elif isinstance(node, ast.ImportFrom):
             imported.add("." * node.level + (node.module or ""))
     assert not any("triton" in name or name.endswith(".kernel") for name in imported), imported
+
+
+@pytest.mark.parametrize("log_softmax", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_aligned_rows_match_the_reference(log_softmax: bool, masked: bool) -> None:
+    """Every row combines slot k from block k's same row: the reference over a table of the
+    blocks' rows gives the same values."""
+    gen = torch.Generator().manual_seed(5)
+    rows, vocab, weights, temps = 6, 300, [1.0, -0.5, 0.0, 0.7], [1.0, 0.5, 2.0, 1.3]
+    blocks = [torch.randn(rows, vocab, generator=gen) * 3 for _ in weights]
+    blocks[1][torch.rand(rows, vocab, generator=gen) < 0.05] = NEG_INF
+    blocks[2][:, :10] = NEG_INF  # weight 0: ignored, -inf included
+    table = torch.cat(blocks)  # slot k of row r is table row k * rows + r
+    index = torch.tensor([[k * rows + r for k in range(len(weights))] for r in range(rows)])
+    plausible_lane = index[:, 1] if masked else torch.full((rows,), -1)
+    expected = combine_lanes_torch(
+        table, torch.tensor(temps).repeat_interleave(rows), index.int(),
+        torch.tensor(weights).expand(rows, -1).contiguous(),
+        torch.full((rows,), log_softmax), plausible_lane.int(), torch.full((rows,), 0.1))
+    got = combine_aligned(blocks, temps, weights, log_softmax, blocks[1] if masked else None,
+                          temps[1], 0.1)
+    _assert_same(got, expected)
