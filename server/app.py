@@ -23,7 +23,7 @@ from steerserve.server.auth import check_admin_key, check_api_key
 from steerserve.server.context import ServingContext
 from steerserve.server.errors import error_response, install_error_handlers
 from steerserve.server.metrics import Metrics
-from steerserve.server.routes import playground
+from steerserve.server.routes import playground, responses, tokenizer
 from steerserve.server.routes.chat import chat_completions
 from steerserve.server.routes.completions import completions
 from steerserve.server.routes.lora import load_lora, register, unload_lora
@@ -171,6 +171,8 @@ def create_app(ctx: ServingContext) -> FastAPI:
 
     add_steering_routes(app, ctx)
     playground.install(app, ctx)
+    responses.install(app, ctx)
+    tokenizer.install(app, ctx)
     openapi.install(app, ctx.decoding, lambda: [card["id"] for card in model_cards(ctx)])
     return app
 

@@ -18,7 +18,9 @@ from steerserve.server.schemas.requests import (
     LoadLoraRequest,
     UnloadLoraRequest,
 )
+from steerserve.server.schemas.responses import ResponsesRequest
 from steerserve.server.schemas.steering import ExtractVectorRequest
+from steerserve.server.schemas.tokenizer import DetokenizeRequest, TokenizeRequest
 
 BODIES = {
     ("/v1/chat/completions", "post"): ChatCompletionRequest,
@@ -26,6 +28,11 @@ BODIES = {
     ("/v1/load_lora_adapter", "post"): LoadLoraRequest,
     ("/v1/unload_lora_adapter", "post"): UnloadLoraRequest,
     ("/v1/steering/vectors", "post"): ExtractVectorRequest,
+    ("/v1/responses", "post"): ResponsesRequest,
+    ("/tokenize", "post"): TokenizeRequest,
+    ("/v1/tokenize", "post"): TokenizeRequest,
+    ("/detokenize", "post"): DetokenizeRequest,
+    ("/v1/detokenize", "post"): DetokenizeRequest,
 }
 WITH_DECODING = (ChatCompletionRequest, CompletionRequest)
 REF = "#/components/schemas/{model}"
