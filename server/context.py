@@ -11,6 +11,7 @@ from functools import partial
 from typing import TypeVar
 
 from steerserve.adapters.lora.files import LoraAdapter
+from steerserve.adapters.lora.mix import MixCache
 from steerserve.adapters.steering.store import VectorStore
 from steerserve.decoding.engine.client import EngineClient
 from steerserve.decoding.model.info import ModelInfo
@@ -33,6 +34,7 @@ class ServingContext:
     temperature_heads: dict[str, TemperatureHead]
     decoding: DecodingSchemas  # the methods offered, as request schemas
     vocab_checks: dict[tuple[str, str], bool] = field(default_factory=dict)
+    lora_mixes: MixCache = field(default_factory=MixCache)  # per-request weighted adapters
     # Request parsing, tokenization and chat templates run here, one at a time (fast
     # tokenizers must not be used by two threads at once), never on the event loop.
     worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(

@@ -7,11 +7,12 @@ import copy
 import pytest
 import torch
 from engine_helpers import Collector, run_to_completion
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from support import make_engine
 from tiny_models import tiny_llama
 
 from steerserve.adapters.lora.files import load_lora_adapter
+from steerserve.adapters.lora.mix import mix_adapters
 from steerserve.decoding.model.loader import from_pretrained_objects
 from steerserve.decoding.sampling.params import SamplingParams
 
@@ -41,10 +42,11 @@ def adapters(tmp_path_factory, tokenizer):
     return base, made
 
 
-def lora_engine(base, tokenizer, adapters, max_loras=4, lora_triton=False, forward="auto"):
+def lora_engine(base, tokenizer, adapters, max_loras=4, lora_triton=False, forward="auto",
+                max_rank=8):
     loaded = from_pretrained_objects(copy.deepcopy(base), tokenizer, "base")
-    engine = make_engine(loaded, max_loras=max_loras, max_lora_rank=8, lora_triton=lora_triton,
-                         forward=forward)
+    engine = make_engine(loaded, max_loras=max_loras, max_lora_rank=max_rank,
+                         lora_triton=lora_triton, forward=forward)
     linears = engine.primary.lora_slots.bank.linears
     loras = {name: load_lora_adapter(name, path, linears, 8) for name, path, _ in adapters}
     return engine, loras
@@ -126,3 +128,25 @@ def test_lru_eviction_and_waiting_for_a_slot(adapters, tokenizer):
     for request_id, _, _ in plan:
         assert collector.tokens(request_id) == reference.tokens(request_id)
     assert engine.primary.lora_slots.resident_names() == ["a2"]
+
+
+@pytest.mark.parametrize("lora_triton", [False, True], ids=["dense-cpu", "triton-kernels"])
+def test_a_weighted_mix_matches_peft_weighted_merge(adapters, tokenizer, lora_triton):
+    """Two adapters of different ranks and targets, mixed with weights as one virtual
+    adapter (adapters/lora/mix.py), on the CPU path and in the Triton kernels."""
+    base, made = adapters
+    (name_a, path_a, _), (name_b, path_b, _) = made[0], made[1]
+    engine, loras = lora_engine(base, tokenizer, made[:2], lora_triton=lora_triton,
+                                max_rank=16)
+    mixed = mix_adapters([(loras[name_a], 0.6), (loras[name_b], -0.8)], max_rank=16)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), path_a, adapter_name=name_a)
+    peft_model.load_adapter(path_b, adapter_name=name_b)
+    peft_model.add_weighted_adapter([name_a, name_b], [0.6, -0.8], "merged",
+                                    combination_type="cat")
+    peft_model.set_adapter("merged")
+    prompt = "The quick brown fox"
+    collector = Collector()
+    collector.submit(engine, "mix", tokenizer(prompt)["input_ids"], GREEDY, adapter=mixed)
+    run_to_completion(engine)
+    assert collector.tokens("mix") == peft_greedy(peft_model, tokenizer, prompt,
+                                                  GREEDY.max_tokens)

@@ -62,6 +62,17 @@ class ChatMessage(Strict):
         return self.content or ""
 
 
+MAX_LORA_TERMS = 64  # the schema's bound; the server's is --max-loras
+MAX_LORA_SCALE = 100.0
+
+
+class LoraTerm(Strict):
+    """One adapter of a weighted mix (llama.cpp's per-request `lora`, by name)."""
+
+    name: str = Field(min_length=1, max_length=128)
+    scale: Finite = Field(1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE)
+
+
 class SamplingFields(Strict):
     """Fields shared by chat and text completions, with the extensions vLLM users know."""
 
@@ -92,6 +103,7 @@ class SamplingFields(Strict):
     steering: Steering | None = None
     adaptive_temperature: AdaptiveTemperatureRequest | None = None
     decoding: dict[str, Any] | None = None  # per method: server/schemas/decoding.py
+    lora: list[LoraTerm] | None = Field(None, min_length=1, max_length=MAX_LORA_TERMS)
     dynatemp_range: NonNegative | None = Field(None, le=2.0)  # llama.cpp's names
     dynatemp_exponent: NonNegative | None = Field(None, le=10.0)
     return_temperatures: bool = False

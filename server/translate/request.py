@@ -21,6 +21,7 @@ from steerserve.server.schemas.requests import (
 )
 from steerserve.server.translate.adaptive import resolve_adaptive
 from steerserve.server.translate.decoding import PromptFor, RequestPlanner, resolve_method
+from steerserve.server.translate.lora import resolve_lora
 from steerserve.server.translate.sampling import (
     Limits,
     chat_prompt,
@@ -52,7 +53,7 @@ class _Shared:
 
 
 def _shared(ctx: ServingContext, body: SamplingFields) -> _Shared:
-    served = resolve_reference(ctx, body.model)
+    served = resolve_lora(ctx, resolve_reference(ctx, body.model), body.lora)
     limits = Limits.of(served.info, ctx.settings)
     check_common(body, limits)
     steering = resolve_steering(body.steering, ctx.vectors, served.info.shape,
