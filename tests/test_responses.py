@@ -168,6 +168,7 @@ def test_unsupported_fields_are_refused_by_name(client, fields, param):
      "steering.0.values"),
     ({"extra_body": {"decoding": {"method": "dola", "layers": [2]}}}, "decoding.layers"),
     ({"extra_body": {"top_k": -2}}, "top_k"),
+    ({"extra_body": {"lora": [{"name": "x"}]}}, "lora"),  # passed on: this model has no LoRA
     ({"temperature": 3}, "temperature"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
     ({"max_output_tokens": 5000}, "max_output_tokens"),  # past the context

@@ -26,7 +26,7 @@ PASSTHROUGH = frozenset({
     "seed", "presence_penalty", "frequency_penalty", "logit_bias", "stop", "top_k", "min_p",
     "repetition_penalty", "ignore_eos", "stop_token_ids", "include_stop_str_in_output",
     "skip_special_tokens", "steering", "adaptive_temperature", "decoding", "dynatemp_range",
-    "dynatemp_exponent",
+    "dynatemp_exponent", "lora",
 })
 
 
