@@ -17,17 +17,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from steerserve.server.body import decode_json
 from steerserve.server.errors import APIError, validation_error
-from steerserve.server.schemas.requests import MAX_MESSAGES, ChatCompletionRequest, Strict
+from steerserve.server.schemas.requests import (
+    MAX_MESSAGES,
+    ChatCompletionRequest,
+    SamplingFields,
+    Strict,
+)
 
-# Chat fields a Responses body may carry under the same name: the two Responses sampling
-# fields, the no-op OpenAI fields both APIs share, and the extensions.
-PASSTHROUGH = frozenset({
-    "temperature", "top_p", "user", "metadata", "service_tier",
-    "seed", "presence_penalty", "frequency_penalty", "logit_bias", "stop", "top_k", "min_p",
-    "repetition_penalty", "ignore_eos", "stop_token_ids", "include_stop_str_in_output",
-    "skip_special_tokens", "steering", "adaptive_temperature", "decoding", "dynatemp_range",
-    "dynatemp_exponent", "lora",
-})
+# Chat fields a Responses body may carry under the same name: every sampling field and
+# extension the chat body has (a new one passes through by itself), less those the Responses
+# API names or handles itself, or whose output it has no place for.
+PASSTHROUGH = frozenset(SamplingFields.model_fields) - {
+    "model", "stream", "stream_options", "n", "store", "return_temperatures"}
 
 
 def _text_only(value: Any) -> bool:
