@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,27 +32,30 @@ def free_port() -> int:
 class LiveServer:
     """A real `steerserve serve` subprocess on 127.0.0.1."""
 
-    def __init__(self, args: list[str], api_key: str | None = None, timeout: float = 300):
+    def __init__(self, args: list[str], api_key: str | None = None, timeout: float = 300,
+                 subcommand: str = "serve"):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
-        command = [sys.executable, "-m", "steerserve.server.cli", "serve", "--port", str(self.port),
-                   "--log-level", "warning", *args]
+        command = [sys.executable, "-m", "steerserve.server.cli", subcommand, "--port",
+                   str(self.port), "--log-level", "warning", *args]
         if api_key:
             command += ["--api-key", api_key]
         if "--vectors-dir" not in args:  # never the user's own directory
             command += ["--vectors-dir", "none"]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("TRITON_INTERPRET", None)  # the server picks kernels for its own device
+        # A file, not a pipe: a chatty server (Ray's) would block on a full pipe.
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (lives as long as the server)
         self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True)
+                                        stderr=self.log, text=True)
         self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.process.stderr.read()[-3000:]}")
+                raise RuntimeError(f"server exited: {self.stderr()[-3000:]}")
             try:
                 if httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200:
                     return
@@ -60,6 +64,10 @@ class LiveServer:
             time.sleep(0.3)
         self.stop()
         raise RuntimeError("server did not become healthy in time")
+
+    def stderr(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -71,12 +79,12 @@ class LiveServer:
                 return float(line.rsplit(" ", 1)[1])
         raise KeyError(name)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 20) -> None:
         self.process.terminate()
         try:
-            self.process.wait(timeout=20)
+            self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
         log_dir = os.environ.get("STEERSERVE_TEST_LOGS")  # debugging aid: keep the server log
         if log_dir:
-            Path(log_dir, f"server-{self.port}.log").write_text(self.process.stderr.read())
+            Path(log_dir, f"server-{self.port}.log").write_text(self.stderr())

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from steerserve.adapters.errors import AdapterError
-from steerserve.adapters.registry import AdapterRegistry
+from steerserve.adapters.registry import AdapterRegistry, NameTaken
 from steerserve.adapters.steering.vectors import (
     SUFFIXES,
     SteeringVector,
@@ -44,6 +44,19 @@ def check_vector_name(name: str, param: str | None = "name") -> str:
 class _Entry:
     vector: SteeringVector
     file: Path | None  # a file in the store's directory, deleted with the vector
+    stamp: tuple[int, int, int] | None = None  # the file's (inode, mtime, size) when read
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    info = path.stat()
+    return info.st_ino, info.st_mtime_ns, info.st_size
+
+
+def _stamp_or_none(path: Path) -> tuple[int, int, int] | None:
+    try:
+        return _stamp(path)
+    except OSError:
+        return None
 
 
 class VectorStore:
@@ -71,10 +84,43 @@ class VectorStore:
                 logger.warning("steering vector '%s' in %s is not loaded: a vector given at "
                                "start has that name", name, path)
                 continue
-            self._entries.load(name, lambda p=path, n=name: _Entry(load_vector_file(n, p), p))
-            logger.info("loaded steering vector '%s' from %s", name, path)
+            self._load_from_directory(name, path)
             names.append(name)
         return names
+
+    def _load_from_directory(self, name: str, path: Path) -> None:
+        stamp = _stamp(path)  # before reading: a file replaced meanwhile is read again later
+        self._entries.load(name, lambda: _Entry(load_vector_file(name, path), path, stamp))
+        logger.info("loaded steering vector '%s' from %s", name, path)
+
+    def sync_directory(self) -> None:
+        """Catch up with other writers of the directory (replicas sharing it): load new files,
+        drop vectors whose file is gone, read again files replaced under the same name. A file
+        that does not load is logged and skipped (it is another writer's, not a start-up
+        mistake). Vectors given at start are never touched."""
+        if self.directory is None:
+            return
+        present = {}
+        for path in self.directory.iterdir():
+            if path.suffix.lower() in SUFFIXES and not path.name.startswith("."):
+                present[path.stem] = path
+        for name, entry in self._entries.items():
+            if entry.file is None:
+                continue
+            path = present.get(name)
+            if path is None or path != entry.file or _stamp_or_none(path) != entry.stamp:
+                self._entries.remove(name)
+                logger.info("steering vector '%s' changed or left %s", name, self.directory)
+        for name, path in present.items():
+            if self._entries.get(name) is not None:
+                continue
+            try:
+                check_vector_name(name, param="path")
+                self._load_from_directory(name, path)
+            except NameTaken:  # this store is writing it right now
+                pass
+            except (AdapterError, OSError) as exc:
+                logger.warning("steering vector file %s is not loaded: %s", path, exc)
 
     def add(self, vector: SteeringVector, persist: bool) -> None:
         """Raises NameTaken if the name is in use; with persist (and a directory) the file is
@@ -88,7 +134,7 @@ class VectorStore:
         path = self.directory / f"{vector.name}.safetensors"
         save_safetensors(vector, path)
         logger.info("saved steering vector '%s' to %s", vector.name, path)
-        return _Entry(vector, path)
+        return _Entry(vector, path, _stamp(path))
 
     def add_file(self, name: str, path: Path) -> SteeringVector:
         """A vector given at start (--steering-vector NAME=PATH): read, never copied."""

@@ -55,12 +55,16 @@ async def load_lora(request: Request, ctx: ServingContext) -> JSONResponse:
     except AdapterError as exc:
         raise APIError(exc.status, str(exc), exc.param or "lora_path") from exc
     await asyncio.to_thread(register, ctx, req.lora_name, path)
+    if ctx.shared is not None:  # every other replica loads it before its next request
+        await asyncio.to_thread(ctx.shared.publish_lora, req.lora_name, path)
     return JSONResponse({"status": "ok", "message": f"adapter '{req.lora_name}' loaded"})
 
 
 async def unload_lora(request: Request, ctx: ServingContext) -> JSONResponse:
     _require_runtime_lora(ctx)
     req = await parse_request(request, UnloadLoraRequest, ctx.settings.max_body_bytes)
+    if ctx.shared is not None:
+        await asyncio.to_thread(ctx.shared.retract_lora, req.lora_name)
     if ctx.engine.unload_adapter(req.lora_name) is None:
         raise APIError(404, f"no adapter named '{req.lora_name}' is loaded", "lora_name",
                        "model_not_found")
