@@ -6,7 +6,8 @@
 On the embedded SmolLM2: the engine's own cost, a full `Engine.step` over 32 running lanes
 (half greedy, half top-p sampled, some seeded) against the bare decode forward it contains;
 a decode step over 32 lanes with no steering, then with every lane steered by its own vector
-on layers 8-15 (and with head offsets on 3 heads); and the sampler over 8 rows at a fixed
+on layers 8-15 (and with head offsets on 3 heads), and with every lane editing its own feature
+of the shipped SAE (examples/sae/smollm2-l15); and the sampler over 8 rows at a fixed
 temperature, then under EDT, dynatemp and a learned head, beside the 8-lane decode step it
 follows. Medians of repeated runs; the machine is shared, so the
 end-to-end benchmarks (steering_bench.py, temperature_bench.py) carry more noise than these.
@@ -21,9 +22,12 @@ from pathlib import Path
 
 import torch
 
+from steerserve.adapters.sae.autoencoder import SparseAutoencoder
+from steerserve.adapters.sae.files import load_sae
 from steerserve.adapters.steering.plan import decode_plan
 from steerserve.adapters.steering.spec import (
     ApplyTo,
+    FeatureEdit,
     SteerEdit,
     SteeringSpec,
     SteerMode,
@@ -70,13 +74,24 @@ def steering_specs(rows: int, hidden: int, heads: bool) -> list[SteeringSpec]:
     return specs
 
 
+def feature_specs(rows: int, sae: SparseAutoencoder) -> list[SteeringSpec]:
+    """Every row its own SAE feature, alternately added and clamped."""
+    return [SteeringSpec((), (FeatureEdit(
+        sae.layer, (sae.name, i), sae.encoders[i], float(sae.enc_bias[i]),
+        float(sae.threshold[i]), sae.decoders[i], i % 2 == 1, 4.0, ApplyTo.BOTH),))
+        for i in range(rows)]
+
+
 def steering_costs(runner: ModelRunner, hidden: int, repeats: int) -> dict[str, float]:
     rows = 32
     runner.prefill(0, [[1, 2, 3, 4, 5, 6, 7, 8]] * rows, [False] * rows)
+    sae = load_sae("l15", REPO / "examples/sae/smollm2-l15", runner.device)
     plans = {"unsteered": None,
              "32 vectors x 8 layers": decode_plan(steering_specs(rows, hidden, False),
                                                   runner.device),
-             "+ head offsets": decode_plan(steering_specs(rows, hidden, True), runner.device)}
+             "+ head offsets": decode_plan(steering_specs(rows, hidden, True), runner.device),
+             "32 SAE features (one per row)": decode_plan(feature_specs(rows, sae),
+                                                          runner.device)}
     return medians_ms({name: (lambda p=plan: runner.decode(0, [5] * rows, [8] * rows, None, p))
                        for name, plan in plans.items()}, repeats)
 

@@ -12,6 +12,8 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from steerserve.adapters.errors import AdapterError
+from steerserve.adapters.sae.autoencoder import SparseAutoencoder
+from steerserve.adapters.sae.files import load_sae
 from steerserve.adapters.steering.store import VectorStore
 from steerserve.decoding.engine.client import EngineClient
 from steerserve.decoding.engine.core import Engine, EngineConfig, EngineUnavailable
@@ -23,7 +25,7 @@ from steerserve.server.auth import check_admin_key, check_api_key
 from steerserve.server.context import ServingContext
 from steerserve.server.errors import error_response, install_error_handlers
 from steerserve.server.metrics import Metrics
-from steerserve.server.routes import playground, responses, tokenizer
+from steerserve.server.routes import playground, responses, sae, tokenizer
 from steerserve.server.routes.chat import chat_completions
 from steerserve.server.routes.completions import completions
 from steerserve.server.routes.lora import load_lora, register, unload_lora
@@ -36,6 +38,7 @@ from steerserve.server.routes.vectors import (
 )
 from steerserve.server.schemas.decoding import DecodingSchemas
 from steerserve.server.settings import ServerSettings
+from steerserve.server.shared_store import CatchUp, SharedStore
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +56,16 @@ def build_context(settings: ServerSettings, model: LoadedModel,
         max_loras=settings.max_loras if settings.lora_enabled else 0,
         max_lora_rank=settings.max_lora_rank, forward=settings.forward,
         threads=settings.threads, prefix_cache_slots=settings.prefix_cache_slots), others))
+    shared = SharedStore(Path(settings.shared_store)) if settings.shared_store else None
     ctx = ServingContext(settings, engine, Metrics(engine), int(time.time()),
-                         load_vectors(settings), load_heads(settings, model),
-                         DecodingSchemas(methods or MethodRegistry()))
+                         load_vectors(settings, shared), load_heads(settings, model),
+                         DecodingSchemas(methods or MethodRegistry()), shared=shared,
+                         saes=load_saes(settings, model))
     for name, path in settings.loras:
         register(ctx, name, Path(path).expanduser().resolve())
     check_vector_widths(ctx)
+    if shared is not None:
+        shared.sync(ctx)  # the adapters and heads other replicas published
     return ctx
 
 
@@ -76,9 +83,30 @@ def load_heads(settings: ServerSettings, model: LoadedModel) -> dict[str, Temper
     return heads
 
 
-def load_vectors(settings: ServerSettings) -> VectorStore:
-    """Each --steering-vector file (read, never copied), then the vectors directory."""
+def load_saes(settings: ServerSettings, model: LoadedModel) -> dict[str, SparseAutoencoder]:
+    """Each --sae, checked against the first hosted model's width and depth."""
+    config, saes = model.model.config, {}
+    for name, path in settings.saes:
+        try:
+            sae = load_sae(name, path, model.device)
+        except AdapterError as exc:
+            raise SystemExit(f"--sae {name}: {exc}") from exc
+        if sae.d_in != config.hidden_size or sae.layer >= config.num_hidden_layers:
+            raise SystemExit(f"--sae {name}: it reads width {sae.d_in} at layer {sae.layer} "
+                             f"({sae.hook_name}); the model has hidden size "
+                             f"{config.hidden_size} and {config.num_hidden_layers} blocks")
+        saes[name] = sae
+        logger.info("loaded SAE '%s' (%s, %d features at %s) from %s", name, sae.architecture,
+                    sae.d_sae, sae.hook_name, path)
+    return saes
+
+
+def load_vectors(settings: ServerSettings, shared: SharedStore | None) -> VectorStore:
+    """Each --steering-vector file (read, never copied), then the vectors directory (the
+    shared store's, when there is one)."""
     directory = Path(settings.vectors_dir).expanduser() if settings.vectors_dir else None
+    if shared is not None:
+        directory = shared.vectors
     store = VectorStore(directory)
     try:
         for name, path in settings.steering_vectors:
@@ -127,6 +155,8 @@ def create_app(ctx: ServingContext) -> FastAPI:
 
     app = FastAPI(title="steerserve", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_error_handlers(app)
+    if ctx.shared is not None:
+        app.add_middleware(CatchUp, ctx=ctx)  # innermost: after the guards refused what they do
     guards.install(app, ctx.settings, ctx.draining, ctx.metrics.requests)
 
     @app.exception_handler(EngineUnavailable)
@@ -172,6 +202,7 @@ def create_app(ctx: ServingContext) -> FastAPI:
     add_steering_routes(app, ctx)
     playground.install(app, ctx)
     responses.install(app, ctx)
+    sae.install(app, ctx)
     tokenizer.install(app, ctx)
     openapi.install(app, ctx.decoding, lambda: [card["id"] for card in model_cards(ctx)])
     return app

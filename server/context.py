@@ -12,6 +12,7 @@ from typing import TypeVar
 
 from steerserve.adapters.lora.files import LoraAdapter
 from steerserve.adapters.lora.mix import MixCache
+from steerserve.adapters.sae.autoencoder import SparseAutoencoder
 from steerserve.adapters.steering.store import VectorStore
 from steerserve.decoding.engine.client import EngineClient
 from steerserve.decoding.model.info import ModelInfo
@@ -20,6 +21,7 @@ from steerserve.server.errors import APIError
 from steerserve.server.metrics import Metrics
 from steerserve.server.schemas.decoding import DecodingSchemas
 from steerserve.server.settings import ServerSettings
+from steerserve.server.shared_store import SharedStore
 
 Result = TypeVar("Result")
 
@@ -40,6 +42,8 @@ class ServingContext:
     worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
         1, thread_name_prefix="steerserve-requests"))
     draining: threading.Event = field(default_factory=threading.Event)  # set on SIGTERM
+    shared: SharedStore | None = None  # --shared-store: what replicas agree on
+    saes: dict[str, SparseAutoencoder] = field(default_factory=dict)  # --sae, fixed at start
 
     @property
     def model_name(self) -> str:

@@ -18,6 +18,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from steerserve.adapters.steering.plan import EMBEDDINGS, SteeringPlan
 from steerserve.adapters.steering.spec import SteerTarget
+from steerserve.kernels.sae.ops import sae_edit
 from steerserve.kernels.steering.ops import steer_heads, steer_residual
 
 PLAN_KEYWORD = "steering"
@@ -44,7 +45,12 @@ def steer_block_output(plan: SteeringPlan, layer: int, hidden: torch.Tensor) -> 
     for call in calls:
         steer_residual(hidden, call.vectors, call.vector_index, call.scale, call.mode,
                        call.normalize, call.position_mask)
-    if calls:
+    features = plan.features.get(layer, ())
+    for feature in features:
+        sae_edit(hidden, feature.encoders, feature.enc_bias, feature.threshold,
+                 feature.decoders, feature.feature_index, feature.mode, feature.value,
+                 feature.position_mask)
+    if calls or features:
         keep_finite(hidden)
     capture = plan.capture
     if capture is not None and capture.target == SteerTarget.RESIDUAL:

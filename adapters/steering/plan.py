@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from steerserve.adapters.steering.spec import SteerEdit, SteeringSpec, SteerTarget
+from steerserve.adapters.steering.spec import FeatureEdit, SteerEdit, SteeringSpec, SteerTarget
+from steerserve.kernels.sae.checks import MODE_ADD, MODE_CLAMP
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,20 @@ class HeadCall:
     head_offsets: torch.Tensor  # (O, NH, D) fp32, scales already folded in
     offset_index: torch.Tensor  # (R,) int32, -1 = none
     scale: torch.Tensor  # (R,) fp32
+    position_mask: torch.Tensor | None  # (R, S) bool
+
+
+@dataclass(frozen=True)
+class FeatureCall:
+    """Arguments of one `kernels.sae.sae_edit` launch."""
+
+    encoders: torch.Tensor  # (U, H) fp32
+    enc_bias: torch.Tensor  # (U,) fp32
+    threshold: torch.Tensor  # (U,) fp32
+    decoders: torch.Tensor  # (U, H) fp32
+    feature_index: torch.Tensor  # (R, F) int32, -1 = none
+    mode: torch.Tensor  # (R, F) int8
+    value: torch.Tensor  # (R, F) fp32
     position_mask: torch.Tensor | None  # (R, S) bool
 
 
@@ -67,9 +82,10 @@ class SteeringPlan:
     residual: dict[int, list[ResidualCall]] = field(default_factory=dict)
     heads: dict[int, list[HeadCall]] = field(default_factory=dict)
     capture: Capture | None = None
+    features: dict[int, list[FeatureCall]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.residual or self.heads or self.capture)
+        return bool(self.residual or self.heads or self.capture or self.features)
 
 
 RowEdits = list[list[SteerEdit]]  # per row, the edits of one launch group
@@ -110,9 +126,43 @@ def _head_call(rows: RowEdits, mask: torch.Tensor | None, device: torch.device) 
                     torch.ones(len(rows), device=device), mask)
 
 
+def _feature_call(rows: list[list[FeatureEdit]], mask: torch.Tensor | None,
+                  device: torch.device) -> FeatureCall:
+    unique: dict[tuple[str, int], int] = {}
+    features: list[FeatureEdit] = []
+    width = max(len(edits) for edits in rows)
+    index = [[-1] * width for _ in rows]
+    mode = [[0] * width for _ in rows]
+    value = [[0.0] * width for _ in rows]
+    for r, edits in enumerate(rows):
+        for k, edit in enumerate(edits):
+            if edit.key not in unique:
+                unique[edit.key] = len(features)
+                features.append(edit)
+            index[r][k], value[r][k] = unique[edit.key], edit.value
+            mode[r][k] = MODE_CLAMP if edit.clamp else MODE_ADD
+    return FeatureCall(
+        torch.stack([f.encoder for f in features]),
+        torch.tensor([f.bias for f in features], dtype=torch.float32, device=device),
+        torch.tensor([f.threshold for f in features], dtype=torch.float32, device=device),
+        torch.stack([f.decoder for f in features]),
+        torch.tensor(index, dtype=torch.int32, device=device),
+        torch.tensor(mode, dtype=torch.int8, device=device),
+        torch.tensor(value, dtype=torch.float32, device=device), mask)
+
+
+def _add_features(plan: SteeringPlan, rows: list[list[FeatureEdit]], mask: torch.Tensor | None,
+                  device: torch.device) -> None:
+    for layer in sorted({e.layer for edits in rows for e in edits}):
+        per_row = [[e for e in edits if e.layer == layer] for edits in rows]
+        plan.features.setdefault(layer, []).append(_feature_call(per_row, mask, device))
+
+
 def _add_group(plan: SteeringPlan, rows: list[list[SteerEdit]], mask: torch.Tensor | None,
-               device: torch.device) -> None:
+               device: torch.device, features: list[list[FeatureEdit]] | None = None) -> None:
     """Group one launch's edits by (target, layer) and append the calls to the plan."""
+    if features is not None and any(features):
+        _add_features(plan, features, mask, device)
     layers = {(e.target, e.layer) for edits in rows for e in edits}
     for target, layer in sorted(layers):
         per_row = [[e for e in edits if e.target == target and e.layer == layer]
@@ -123,13 +173,19 @@ def _add_group(plan: SteeringPlan, rows: list[list[SteerEdit]], mask: torch.Tens
             plan.heads.setdefault(layer, []).append(_head_call(per_row, mask, device))
 
 
+def _split(specs: list[SteeringSpec | None], keep) -> tuple[RowEdits, list[list[FeatureEdit]]]:
+    """Per row, the vector edits and the feature edits that `keep` selects."""
+    return ([[e for e in spec.edits if keep(e)] if spec else [] for spec in specs],
+            [[e for e in spec.features if keep(e)] if spec else [] for spec in specs])
+
+
 def decode_plan(specs: list[SteeringSpec | None], device: torch.device) -> SteeringPlan | None:
     """One position per row, every edit that applies to generation."""
-    rows = [[e for e in spec.edits if e.on_generation] if spec else [] for spec in specs]
-    if not any(rows):
+    rows, features = _split(specs, lambda e: e.on_generation)
+    if not any(rows) and not any(features):
         return None
     plan = SteeringPlan()
-    _add_group(plan, rows, None, device)
+    _add_group(plan, rows, None, device, features)
     return plan
 
 
@@ -137,16 +193,16 @@ def prefill_plan(specs: list[SteeringSpec | None], lengths: list[int], width: in
                  device: torch.device, ends_prompt: bool = True) -> SteeringPlan | None:
     """Right-padded prompts: padding is never steered. Edits of generated tokens act at the
     prompt's last position (it yields the first one), so not in a chunk that ends earlier."""
-    prompt_rows = [[e for e in spec.edits if e.on_prompt] if spec else [] for spec in specs]
-    last_rows = [[e for e in spec.edits if not e.on_prompt] if spec and ends_prompt else []
-                 for spec in specs]
-    if not any(prompt_rows) and not any(last_rows):
+    prompt_rows, prompt_features = _split(specs, lambda e: e.on_prompt)
+    last_rows, last_features = _split(specs if ends_prompt else [None] * len(specs),
+                                      lambda e: not e.on_prompt)
+    if not any(prompt_rows + prompt_features + last_rows + last_features):
         return None
     positions = torch.arange(width, device=device)
     length = torch.tensor(lengths, device=device).unsqueeze(1)  # (R, 1)
     plan = SteeringPlan()
-    if any(prompt_rows):
-        _add_group(plan, prompt_rows, positions < length, device)
-    if any(last_rows):
-        _add_group(plan, last_rows, positions == length - 1, device)
+    if any(prompt_rows) or any(prompt_features):
+        _add_group(plan, prompt_rows, positions < length, device, prompt_features)
+    if any(last_rows) or any(last_features):
+        _add_group(plan, last_rows, positions == length - 1, device, last_features)
     return plan

@@ -58,13 +58,40 @@ class SteerEdit:
 
 
 @dataclass(frozen=True, eq=False)
+class FeatureEdit:
+    """One sparse-autoencoder feature edited at one layer (kernels/sae): the residual is
+    encoded on the feature, and `value * decoder` (add) or `(value - activation) * decoder`
+    (clamp) is added back. Tensors are (hidden,) fp32 rows of the SAE, on the model's device."""
+
+    layer: int
+    key: tuple[str, int]  # (SAE name, feature): rows shared by requests are sent once a step
+    encoder: torch.Tensor
+    bias: float  # b_enc with b_dec folded in
+    threshold: float  # JumpReLU's; 0 for ReLU
+    decoder: torch.Tensor
+    clamp: bool  # False: add value * decoder; True: set the activation to value
+    value: float
+    apply_to: ApplyTo
+
+    @property
+    def on_prompt(self) -> bool:
+        return self.apply_to != ApplyTo.GENERATION
+
+    @property
+    def on_generation(self) -> bool:
+        return self.apply_to != ApplyTo.PROMPT
+
+
+@dataclass(frozen=True, eq=False)
 class SteeringSpec:
-    """All of a request's edits, in request order (order matters for ablate/clamp)."""
+    """All of a request's edits, in request order (order matters for ablate/clamp). On a
+    layer, vector edits apply first, then SAE feature edits (each encoded from that result)."""
 
     edits: tuple[SteerEdit, ...]
+    features: tuple[FeatureEdit, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.edits)
+        return bool(self.edits or self.features)
 
 
 @dataclass(frozen=True)

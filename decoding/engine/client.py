@@ -158,3 +158,15 @@ class EngineClient:
             return {layer: value.cpu() for layer, value in found.found.items()}
 
         return await self.call(capture)
+
+    async def prompt_activations(self, model: str, prompt: list[int], layer: int
+                                 ) -> torch.Tensor:
+        """One prompt's residual stream after block `layer` at every position: (S, H) fp32."""
+        runner = self._engine.models[model].runner
+
+        def capture() -> torch.Tensor:
+            found = Capture(frozenset([layer]), SteerTarget.RESIDUAL, None)
+            runner.capture([prompt], found)
+            return found.found[layer][0]
+
+        return await self.call(capture)

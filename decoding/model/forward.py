@@ -53,7 +53,7 @@ def _with_capture(plan: SteeringPlan | None, capture: Capture | None) -> Steerin
         return plan
     if plan is None:
         return SteeringPlan(capture=capture)
-    return SteeringPlan(plan.residual, plan.heads, capture)
+    return SteeringPlan(plan.residual, plan.heads, capture, plan.features)
 
 
 def _early_exit_capture(lanes: list[Lane], positions: list[int | None],

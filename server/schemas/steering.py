@@ -46,6 +46,11 @@ class SteeringItem(_Strict):
     normalize: bool = False
     apply_to: Literal["prompt", "generation", "both"] = "both"
     target: Literal["residual", "heads"] = "residual"
+    # A sparse-autoencoder feature instead of a vector (--sae): add `scale` times its decoder
+    # direction, or clamp its activation to `clamp`.
+    sae: str | None = Field(None, min_length=1, max_length=128)
+    feature: int | None = Field(None, ge=0, le=2**31 - 1)
+    clamp: Bounded | None = None
 
 
 Steering = Annotated[list[SteeringItem], Field(min_length=1, max_length=MAX_STEERING_ITEMS)]

@@ -57,7 +57,7 @@ def _shared(ctx: ServingContext, body: SamplingFields) -> _Shared:
     limits = Limits.of(served.info, ctx.settings)
     check_common(body, limits)
     steering = resolve_steering(body.steering, ctx.vectors, served.info.shape,
-                                served.info.device)
+                                served.info.device, ctx.saes)
     adaptive = resolve_adaptive(body, ctx.temperature_heads, served.info.shape.hidden_size)
     return _Shared(served, limits, steering, adaptive)
 

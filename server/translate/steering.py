@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import torch
 
+from steerserve.adapters.sae.autoencoder import SparseAutoencoder
 from steerserve.adapters.steering.spec import (
     ApplyTo,
+    FeatureEdit,
     ModelShape,
     SteerEdit,
     SteeringSpec,
@@ -19,18 +21,28 @@ from steerserve.adapters.steering.store import VectorStore
 from steerserve.adapters.steering.vectors import SteeringVector
 from steerserve.server.errors import APIError
 from steerserve.server.schemas.steering import LayerRange, SteeringItem
+from steerserve.server.translate.features import feature_edit
 
 _MODES = {"add": SteerMode.ADD, "ablate": SteerMode.ABLATE, "clamp": SteerMode.CLAMP}
 
 
 def resolve_steering(items: list[SteeringItem] | None, vectors: VectorStore, shape: ModelShape,
-                     device: torch.device) -> SteeringSpec | None:
+                     device: torch.device, saes: dict[str, SparseAutoencoder] | None = None
+                     ) -> SteeringSpec | None:
     if not items:
         return None
     edits: list[SteerEdit] = []
+    features: list[FeatureEdit] = []
     for index, item in enumerate(items):
-        edits.extend(_ItemResolver(item, f"steering.{index}", vectors, shape, device).edits())
-    return SteeringSpec(tuple(edits))
+        param = f"steering.{index}"
+        if item.sae is not None:
+            features.append(feature_edit(item, param, saes or {}, shape, device))
+        else:
+            for field in ("feature", "clamp"):
+                if field in item.model_fields_set:
+                    raise APIError(400, f"'{field}' is for 'sae' items", f"{param}.{field}")
+            edits.extend(_ItemResolver(item, param, vectors, shape, device).edits())
+    return SteeringSpec(tuple(edits), tuple(features))
 
 
 def layer_list(layers: list[int] | LayerRange, num_layers: int, param: str) -> list[int]:
