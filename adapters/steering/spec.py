@@ -35,17 +35,9 @@ class ApplyTo(StrEnum):
     BOTH = "both"
 
 
-@dataclass(frozen=True, eq=False)
-class SteerEdit:
-    """One item on one layer. `vector` is (hidden,) for the residual target and
-    (num_heads, head_dim) for heads, zero on heads left alone; fp32 on the model's device."""
+class _Placed:
+    """Where an edit acts: prompt positions, generated ones, or both (`apply_to`)."""
 
-    layer: int
-    target: SteerTarget
-    vector: torch.Tensor
-    scale: float
-    mode: SteerMode
-    normalize: bool
     apply_to: ApplyTo
 
     @property
@@ -58,7 +50,21 @@ class SteerEdit:
 
 
 @dataclass(frozen=True, eq=False)
-class FeatureEdit:
+class SteerEdit(_Placed):
+    """One item on one layer. `vector` is (hidden,) for the residual target and
+    (num_heads, head_dim) for heads, zero on heads left alone; fp32 on the model's device."""
+
+    layer: int
+    target: SteerTarget
+    vector: torch.Tensor
+    scale: float
+    mode: SteerMode
+    normalize: bool
+    apply_to: ApplyTo
+
+
+@dataclass(frozen=True, eq=False)
+class FeatureEdit(_Placed):
     """One sparse-autoencoder feature edited at one layer (kernels/sae): the residual is
     encoded on the feature, and `value * decoder` (add) or `(value - activation) * decoder`
     (clamp) is added back. Tensors are (hidden,) fp32 rows of the SAE, on the model's device."""
@@ -72,14 +78,6 @@ class FeatureEdit:
     clamp: bool  # False: add value * decoder; True: set the activation to value
     value: float
     apply_to: ApplyTo
-
-    @property
-    def on_prompt(self) -> bool:
-        return self.apply_to != ApplyTo.GENERATION
-
-    @property
-    def on_generation(self) -> bool:
-        return self.apply_to != ApplyTo.PROMPT
 
 
 @dataclass(frozen=True, eq=False)
