@@ -8,7 +8,9 @@ Every method gets its data from examples/train_head_offsets.py: its positive (se
 negative (neutral) responses, its training prompts and its held-out prompts, and its measure
 (`ocean_score`: whether a reply has a sea word, how many, and the share of distinct words, a
 guard against degenerate repetition).
-- **Vector:** extracted by the server (`mean_diff`) from the responses, on blocks 10-20.
+- **Vector:** extracted by the server (`mean_diff`) from the bare responses on blocks 10-20,
+  and (`vector-l15`) from the whole chats (prompt, then the sea or the neutral answer) on
+  block 15 alone, the SAE's layer.
 - **LoFiT:** the offsets examples/train_head_offsets.py saved, on the heads it selected.
 - **SAE feature:** the feature of examples/sae/smollm2-l15 whose mean activation on sea-word
   tokens of the responses most exceeds its mean on the other tokens (found by program), added
@@ -50,14 +52,24 @@ from steerserve.decoding.model.loader import EMBEDDED_MODEL_NAME, load_model  # 
 SAE_DIR = REPO / "examples/sae/smollm2-l15"
 LOFIT = REPO / "examples/steering/ocean_lofit"
 MIN_DISTINCT = 0.6
-GRIDS = {"vector": [0.25, 0.5, 1.0, 1.5], "lofit": [0.5, 1.0, 1.5, 2.0],
-         "sae": [0.25, 0.5, 0.75, 1.0]}
+GRIDS = {"vector": [0.25, 0.5, 1.0, 1.5], "vector-l15": [2.0, 4.0, 6.0, 8.0, 12.0],
+         "lofit": [0.5, 1.0, 1.5, 2.0], "sae": [0.25, 0.5, 0.75, 1.0]}
+
+
+def chat_texts(tokenizer, pairs) -> tuple[list[str], list[str]]:
+    """Each pair as a whole chat (its prompt, then the sea or the neutral answer): the pairs
+    differ only in the answer, as repeng builds its contrastive pairs."""
+    def render(prompt: str, answer: str) -> str:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                              {"role": "assistant", "content": answer}],
+                                             tokenize=False)
+    return ([render(p.prompt, p.positive) for p in pairs],
+            [render(p.prompt, p.negative) for p in pairs])
 
 
 @torch.no_grad()
-def sea_feature(texts: list[str]) -> tuple[int, float, float]:
+def sea_feature(loaded, texts: list[str]) -> tuple[int, float, float]:
     """(feature, its largest activation on sea tokens, its mean-activation gap)."""
-    loaded = load_model(EMBEDDED_MODEL_NAME, dtype="float32")
     sae = load_sae("l15", SAE_DIR)
     found: list[torch.Tensor] = []
     loaded.model.model.layers[sae.layer].register_forward_hook(
@@ -91,6 +103,8 @@ async def replies(client: httpx.AsyncClient, url: str, prompts: list[str],
 def steering_for(method: str, strength: float, facts: dict) -> list[dict] | None:
     if method == "vector":
         return [{"vector": "sea-mean-diff", "scale": strength}]
+    if method == "vector-l15":
+        return [{"vector": "sea-chat-l15", "scale": strength}]
     if method == "lofit":
         return [{"vector": "ocean_lofit", "target": "heads", "heads": facts["heads"],
                  "scale": strength}]
@@ -130,7 +144,10 @@ def main() -> None:
     args = parser.parse_args()
     pairs = make_pairs(2, random.Random(0))
     positive, negative = [p.positive for p in pairs], [p.negative for p in pairs]
-    feature, feature_max, gap = sea_feature(positive)
+    loaded = load_model(EMBEDDED_MODEL_NAME, dtype="float32")
+    feature, feature_max, gap = sea_feature(loaded, positive)
+    chat_positive, chat_negative = chat_texts(loaded.tokenizer, pairs)
+    del loaded
     print(f"SAE feature {feature}: max activation {feature_max:.2f}, gap {gap:.2f}")
     facts = {"feature": feature, "feature_max": feature_max,
              "heads": json.loads(LOFIT.with_suffix(".json").read_text())["heads"]}
@@ -143,10 +160,13 @@ def main() -> None:
                        OFFLINE_ENV) as server:
         server.wait_healthy(300)
         url = f"http://127.0.0.1:{port}"
-        made = httpx.post(f"{url}/v1/steering/vectors", timeout=600, json={
-            "name": "sea-mean-diff", "model": EMBEDDED_MODEL_NAME, "method": "mean_diff",
-            "layers": {"start": 10, "end": 20}, "positive": positive, "negative": negative})
-        made.raise_for_status()
+        for name, layers, texts in (
+                ("sea-mean-diff", {"start": 10, "end": 20}, (positive, negative)),
+                ("sea-chat-l15", [15], (chat_positive, chat_negative))):
+            made = httpx.post(f"{url}/v1/steering/vectors", timeout=600, json={
+                "name": name, "model": EMBEDDED_MODEL_NAME, "method": "mean_diff",
+                "layers": layers, "positive": texts[0], "negative": texts[1]})
+            made.raise_for_status()
         rows = asyncio.run(evaluate(url, facts, args.max_tokens,
                                     [p for p, _ in TRAIN_PROMPTS[:args.tune_prompts]]))
     print(f"\n{len(HELD_OUT_PROMPTS)} held-out prompts, greedy, {args.max_tokens} tokens\n")
