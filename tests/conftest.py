@@ -19,10 +19,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from support import API_KEY, LiveServer  # noqa: E402
-from tiny_models import tiny_gemma, tiny_llama, tiny_qwen2, tiny_tokenizer  # noqa: E402
 
 from steerserve.decoding.model.loader import LoadedModel, from_pretrained_objects, load_model  # noqa: E402
+from tests.support import API_KEY, LiveServer  # noqa: E402
+from tests.tiny_models import tiny_gemma, tiny_llama, tiny_qwen2, tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")

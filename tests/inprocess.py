@@ -9,11 +9,11 @@ import threading
 import time
 
 import httpx
-from support import free_port
 
 from steerserve.server.app import create_app
 from steerserve.server.context import ServingContext
 from steerserve.server.serving import DrainingServer, uvicorn_config
+from tests.support import free_port
 
 
 class InProcessServer:

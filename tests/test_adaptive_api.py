@@ -7,13 +7,13 @@ import httpx
 import openai
 import pytest
 import torch
-from support import API_KEY, LiveServer
 
 from steerserve.decoding.sampling.temperature_head import (
     TemperatureHead,
     TemperatureHeadConfig,
     save_temperature_head,
 )
+from tests.support import API_KEY, LiveServer
 
 TEMPERATURES = (0.0, 0.5, 1.0)
 

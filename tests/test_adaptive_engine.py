@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
-from engine_helpers import Collector, run_to_completion
-from support import make_engine
 
 from steerserve.decoding.sampling.adaptive import AdaptiveTemperature
 from steerserve.decoding.sampling.params import SamplingParams
 from steerserve.decoding.sampling.temperature_head import TemperatureHead, TemperatureHeadConfig
+from tests.engine_helpers import Collector, run_to_completion
+from tests.support import make_engine
 
 PROMPTS = [[1, 5, 9, 13, 4, 22], [1, 7, 3], [1, 30, 31, 32, 33, 34, 35, 36, 12], [1, 18, 2, 6]]
 TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)

@@ -8,11 +8,7 @@ import copy
 
 import pytest
 import torch
-from engine_helpers import plain_request
-from inprocess import InProcessServer
 from peft import LoraConfig, get_peft_model
-from support import make_engine
-from tiny_models import tiny_llama
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from steerserve.adapters.lora.files import load_lora_adapter
@@ -31,6 +27,10 @@ from steerserve.decoding.sampling.temperature_head import (
 )
 from steerserve.server.app import build_context
 from steerserve.server.settings import ServerSettings
+from tests.engine_helpers import plain_request
+from tests.inprocess import InProcessServer
+from tests.support import make_engine
+from tests.tiny_models import tiny_llama
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 PROMPT = (1, 5, 9, 13, 4, 22)

@@ -8,7 +8,8 @@ import time
 import httpx
 import openai
 import pytest
-from support import API_KEY
+
+from tests.support import API_KEY
 
 CHAT = [{"role": "user", "content": "The capital of France is"}]
 

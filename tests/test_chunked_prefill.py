@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_helpers import Collector, hf_greedy, run_to_completion
-from support import make_engine
 
 from steerserve.adapters.steering.spec import (
     ApplyTo,
@@ -19,6 +17,8 @@ from steerserve.adapters.steering.spec import (
 from steerserve.decoding.methods.dola import DoLa
 from steerserve.decoding.request import EngineRequest, LaneSpec
 from steerserve.decoding.sampling.params import SamplingParams
+from tests.engine_helpers import Collector, hf_greedy, run_to_completion
+from tests.support import make_engine
 
 BUDGET = 8
 LONG = [1] + [(7 * i) % 90 + 3 for i in range(40)]  # 41 tokens: five chunks and a last token

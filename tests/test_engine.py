@@ -6,11 +6,11 @@ import threading
 import time
 
 import pytest
-from engine_helpers import Collector, generate_alone, hf_greedy, run_to_completion
-from support import make_engine
 
 from steerserve.decoding.request import FinishReason
 from steerserve.decoding.sampling.params import SamplingParams
+from tests.engine_helpers import Collector, generate_alone, hf_greedy, run_to_completion
+from tests.support import make_engine
 
 PROMPTS = [
     "The capital of France is",
@@ -196,9 +196,8 @@ def test_prompt_logprobs_match_a_plain_forward(llama):
 
 
 def test_context_limit_finishes_with_length(tokenizer):
-    from tiny_models import tiny_llama
-
     from steerserve.decoding.model.loader import from_pretrained_objects
+    from tests.tiny_models import tiny_llama
 
     short = from_pretrained_objects(tiny_llama(len(tokenizer)), tokenizer, "short",
                                     max_model_len=16)

@@ -12,8 +12,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
-from support import API_KEY, LiveServer
-from tiny_models import tiny_llama
+
+from tests.support import API_KEY, LiveServer
+from tests.tiny_models import tiny_llama
 
 LONG = 1500  # tokens: the stream is still running when the fault comes
 

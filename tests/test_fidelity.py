@@ -8,10 +8,11 @@ from __future__ import annotations
 import openai
 import pytest
 import torch
-from method_references import lsm, reference_keys, reference_ponder
-from support import API_KEY, LiveServer
-from tiny_models import tiny_llama
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from tests.method_references import lsm, reference_keys, reference_ponder
+from tests.support import API_KEY, LiveServer
+from tests.tiny_models import tiny_llama
 
 FLOOR = -9999.0  # what a masked token reports (JSON has no -inf)
 

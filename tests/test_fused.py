@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_gemma, tiny_llama, tiny_qwen2
 
 from steerserve.decoding.model.loader import from_pretrained_objects
 from steerserve.decoding.model.runner import ModelRunner
+from tests.tiny_models import tiny_gemma, tiny_llama, tiny_qwen2
 
 PROMPTS = [[1, 5, 9, 13, 4, 22, 40], [1, 7, 3], [1, 30, 31, 32, 33]]
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.15, torch.float16: 0.05}

@@ -17,13 +17,13 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
-from inprocess import InProcessServer
 from schemathesis.checks import not_a_server_error
-from tiny_models import tiny_llama
 
 from steerserve.decoding.model.loader import from_pretrained_objects
 from steerserve.server.app import build_context
 from steerserve.server.settings import ServerSettings
+from tests.inprocess import InProcessServer
+from tests.tiny_models import tiny_llama
 
 EXAMPLES = int(os.environ.get("STEERSERVE_FUZZ_EXAMPLES", "25"))
 RANDOM = os.environ.get("STEERSERVE_FUZZ_RANDOM") == "1"

@@ -9,12 +9,12 @@ import json
 import httpx
 import pytest
 import torch
-from inprocess import InProcessServer
-from tiny_models import tiny_llama
 
 from steerserve.decoding.model.loader import from_pretrained_objects
 from steerserve.server.app import build_context
 from steerserve.server.settings import ServerSettings
+from tests.inprocess import InProcessServer
+from tests.tiny_models import tiny_llama
 
 CHAT = "/v1/chat/completions"
 ADMIN_KEY, API_KEY = "admin-secret", "user-secret"

@@ -12,9 +12,6 @@ from typing import ClassVar
 
 import httpx
 import pytest
-from engine_helpers import Collector, plain_request, run_to_completion
-from inprocess import InProcessServer
-from support import make_engine
 
 from steerserve.decoding.methods.base import DecodingMethod, LanePlanner, Mix, lane, param
 from steerserve.decoding.methods.contrastive import Contrastive
@@ -23,6 +20,9 @@ from steerserve.decoding.request import EngineRequest, FinishReason, LaneSpec
 from steerserve.decoding.sampling.params import SamplingParams
 from steerserve.server.app import build_context
 from steerserve.server.settings import ServerSettings
+from tests.engine_helpers import Collector, plain_request, run_to_completion
+from tests.inprocess import InProcessServer
+from tests.support import make_engine
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=42, ignore_eos=True)

@@ -8,11 +8,11 @@ import time
 
 import httpx
 import pytest
-from inprocess import InProcessServer
-from support import API_KEY, LiveServer
 
 from steerserve.server.app import build_context
 from steerserve.server.settings import ServerSettings
+from tests.inprocess import InProcessServer
+from tests.support import API_KEY, LiveServer
 
 
 def test_a_non_stream_client_that_leaves_frees_its_slot(llama):

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support import API_KEY, LiveServer
+
+from tests.support import API_KEY, LiveServer
 
 CHAT = "/v1/chat/completions"
 

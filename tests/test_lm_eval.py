@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import LiveServer
 from transformers import AutoModelForCausalLM
+
+from tests.support import LiveServer
 
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.tasks import TaskManager  # noqa: E402

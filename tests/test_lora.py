@@ -6,15 +6,15 @@ import copy
 
 import pytest
 import torch
-from engine_helpers import Collector, run_to_completion
 from peft import LoraConfig, PeftModel, get_peft_model
-from support import make_engine
-from tiny_models import tiny_llama
 
 from steerserve.adapters.lora.files import load_lora_adapter
 from steerserve.adapters.lora.mix import mix_adapters
 from steerserve.decoding.model.loader import from_pretrained_objects
 from steerserve.decoding.sampling.params import SamplingParams
+from tests.engine_helpers import Collector, run_to_completion
+from tests.support import make_engine
+from tests.tiny_models import tiny_llama
 
 PROMPTS = ["The capital of France is", "Once upon a time there was", "One, two, three,"]
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)

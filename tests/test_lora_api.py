@@ -11,8 +11,9 @@ import openai
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from support import API_KEY, LiveServer
-from tiny_models import tiny_llama
+
+from tests.support import API_KEY, LiveServer
+from tests.tiny_models import tiny_llama
 
 CHAT = [{"role": "user", "content": "The capital of France is"}]
 

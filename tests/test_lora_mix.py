@@ -13,8 +13,9 @@ import httpx
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from support import API_KEY, LiveServer
-from tiny_models import tiny_llama
+
+from tests.support import API_KEY, LiveServer
+from tests.tiny_models import tiny_llama
 
 PROMPT = [1, 17, 23, 42, 8, 99, 5]
 TOKENS = 8

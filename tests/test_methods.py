@@ -7,9 +7,6 @@ import copy
 
 import pytest
 import torch
-from engine_helpers import Collector, run_to_completion
-from method_references import reference_keys, reference_ponder
-from tiny_models import tiny_llama
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from steerserve.decoding.engine.core import Engine, EngineConfig
@@ -23,6 +20,9 @@ from steerserve.decoding.methods.sh2 import SH2
 from steerserve.decoding.model.loader import from_pretrained_objects
 from steerserve.decoding.request import EngineRequest, LaneSpec
 from steerserve.decoding.sampling.params import SamplingParams
+from tests.engine_helpers import Collector, run_to_completion
+from tests.method_references import reference_keys, reference_ponder
+from tests.tiny_models import tiny_llama
 
 PROMPTS = [[1, 5, 9, 13, 4, 22, 40, 41], [1, 7, 3, 60, 61], [1, 30, 31, 32, 33, 34, 35, 36, 12]]
 STEPS = 6

@@ -10,8 +10,9 @@ import openai
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from support import API_KEY, LiveServer
-from tiny_models import tiny_llama, tiny_tokenizer
+
+from tests.support import API_KEY, LiveServer
+from tests.tiny_models import tiny_llama, tiny_tokenizer
 
 PROMPT = "Once upon a time there was a small town"
 

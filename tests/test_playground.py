@@ -23,8 +23,9 @@ import httpx
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from support import API_KEY, LiveServer
-from tiny_models import tiny_llama
+
+from tests.support import API_KEY, LiveServer
+from tests.tiny_models import tiny_llama
 
 if importlib.util.find_spec("selenium") is not None:
     from selenium import webdriver

@@ -11,7 +11,6 @@ from typing import ClassVar
 
 import pytest
 import torch
-from inprocess import InProcessServer
 
 from steerserve.decoding.methods.base import (
     DecodingMethod,
@@ -25,6 +24,7 @@ from steerserve.decoding.methods.registry import BUILTIN, MethodRegistry
 from steerserve.decoding.request import LaneSpec
 from steerserve.server.app import build_context
 from steerserve.server.settings import ServerSettings
+from tests.inprocess import InProcessServer
 
 REPO = Path(__file__).resolve().parent.parent
 

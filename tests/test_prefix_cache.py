@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_helpers import Collector, hf_greedy, run_to_completion
-from support import make_engine
 
 from steerserve.adapters.steering.spec import (
     ApplyTo,
@@ -17,6 +15,8 @@ from steerserve.adapters.steering.spec import (
 )
 from steerserve.decoding.model.prefix_cache import MIN_REUSE, common_prefix
 from steerserve.decoding.sampling.params import SamplingParams
+from tests.engine_helpers import Collector, hf_greedy, run_to_completion
+from tests.support import make_engine
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 SHARED = [1] + list(range(40, 70))  # a 31-token "system prompt"

@@ -15,14 +15,14 @@ import openai
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from support import API_KEY, LiveServer
-from tiny_models import tiny_llama
 
 from steerserve.decoding.sampling.temperature_head import (
     TemperatureHead,
     TemperatureHeadConfig,
     save_temperature_head,
 )
+from tests.support import API_KEY, LiveServer
+from tests.tiny_models import tiny_llama
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 REPLICA = "x-steerserve-replica"

@@ -12,14 +12,14 @@ from typing import ClassVar
 import httpx
 import openai
 import pytest
-from inprocess import InProcessServer
-from support import API_KEY
 
 from steerserve.decoding.methods.base import DecodingMethod, LanePlanner, Mix, lane, param
 from steerserve.decoding.methods.registry import BUILTIN, MethodRegistry
 from steerserve.decoding.request import LaneSpec
 from steerserve.server.app import build_context
 from steerserve.server.settings import ServerSettings
+from tests.inprocess import InProcessServer
+from tests.support import API_KEY
 
 PROMPT = "Once upon a time there was a small town"
 EVENTS = ["response.created", "response.in_progress", "response.output_item.added",

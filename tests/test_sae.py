@@ -10,16 +10,16 @@ import json
 
 import pytest
 import torch
-from engine_helpers import Collector, hf_greedy, run_to_completion
 from safetensors.torch import save_file
-from support import make_engine
-from test_steering import GREEDY, PROMPTS, generate, residual
-from tiny_models import tiny_llama
 
 from steerserve.adapters.errors import AdapterError
 from steerserve.adapters.sae.files import hook_layer, load_sae
 from steerserve.adapters.steering.spec import ApplyTo, FeatureEdit, SteeringSpec
 from steerserve.decoding.model.loader import from_pretrained_objects
+from tests.engine_helpers import Collector, hf_greedy, run_to_completion
+from tests.support import make_engine
+from tests.test_steering import GREEDY, PROMPTS, generate, residual
+from tests.tiny_models import tiny_llama
 
 D_IN, D_SAE = 64, 96
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 import httpx
 import pytest
 import torch
-from support import API_KEY, LiveServer
-from test_sae import D_IN, random_sae_tensors, write_saelens
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.support import API_KEY, LiveServer
+from tests.test_sae import D_IN, random_sae_tensors, write_saelens
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 BODY = {"model": "tiny", "prompt": "The capital of France is", "max_tokens": 8,

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support import LiveServer
+
+from tests.support import LiveServer
 
 pytestmark = pytest.mark.slow
 

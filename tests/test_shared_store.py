@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from support import API_KEY, LiveServer
+
+from tests.support import API_KEY, LiveServer
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 BODY = {"model": "tiny", "prompt": "The capital of France is", "max_tokens": 8,

@@ -9,10 +9,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from engine_helpers import Collector, hf_greedy, run_to_completion
-from support import LiveServer, make_engine
 
 from steerserve.decoding.sampling.params import SamplingParams
+from tests.engine_helpers import Collector, hf_greedy, run_to_completion
+from tests.support import LiveServer, make_engine
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
-from support import API_KEY, LiveServer
-from tiny_models import tiny_llama
+
+from tests.support import API_KEY, LiveServer
+from tests.tiny_models import tiny_llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from soak import Names, make_jobs, soak  # noqa: E402

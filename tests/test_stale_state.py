@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_helpers import Collector, run_to_completion
-from support import make_engine
-from tiny_models import tiny_llama
 
 from steerserve.adapters.steering.spec import (
     ApplyTo,
@@ -18,6 +15,9 @@ from steerserve.adapters.steering.spec import (
 )
 from steerserve.decoding.model.loader import from_pretrained_objects
 from steerserve.decoding.sampling.params import SamplingParams
+from tests.engine_helpers import Collector, run_to_completion
+from tests.support import make_engine
+from tests.tiny_models import tiny_llama
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 

@@ -7,10 +7,7 @@ import copy
 
 import pytest
 import torch
-from engine_helpers import Collector, hf_greedy, run_to_completion
 from repeng import ControlModel, ControlVector
-from support import make_engine
-from tiny_models import tiny_llama
 
 from steerserve.adapters.steering.plan import Capture, prefill_plan
 from steerserve.adapters.steering.spec import (
@@ -22,6 +19,9 @@ from steerserve.adapters.steering.spec import (
 )
 from steerserve.decoding.model.loader import from_pretrained_objects
 from steerserve.decoding.sampling.params import SamplingParams
+from tests.engine_helpers import Collector, hf_greedy, run_to_completion
+from tests.support import make_engine
+from tests.tiny_models import tiny_llama
 
 PROMPTS = [[1, 5, 9, 13, 4, 22], [1, 7, 3], [1, 30, 31, 32, 33, 34, 35, 36, 12], [1, 18, 2, 6]]
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)

@@ -12,8 +12,9 @@ import torch
 from repeng import ControlModel, ControlVector, DatasetEntry
 from repeng.extract import read_representations
 from safetensors.torch import load, save_file
-from support import API_KEY, LiveServer
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.support import API_KEY, LiveServer
 
 PAIRS = [
     DatasetEntry("The quick brown fox is happy", "The quick brown fox is sad"),

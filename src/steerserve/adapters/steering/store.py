@@ -28,7 +28,7 @@ from steerserve.adapters.steering.vectors import (
 
 logger = logging.getLogger(__name__)
 
-MAX_NAME_LENGTH = 128  # as for LoRA adapter names (server/schemas.py)
+MAX_NAME_LENGTH = 128  # as for LoRA adapter names (server/schemas/requests.py)
 _NAME = re.compile(rf"[A-Za-z0-9_-][A-Za-z0-9._-]{{0,{MAX_NAME_LENGTH - 1}}}")
 
 

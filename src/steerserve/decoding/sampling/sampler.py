@@ -4,7 +4,7 @@ Order per row: logit bias -> penalties -> (logprobs are read here) -> temperatur
 top-k / top-p / min-p -> draw. Logprobs therefore describe the model's (method-combined,
 penalised, biased) distribution before temperature and truncation, like OpenAI's.
 Each processor runs only when some row needs it; an all-greedy batch is one argmax.
-Adaptive temperatures (decoding/adaptive_temperature.py) go through one fused kernel; rows
+Adaptive temperatures (decoding/sampling/adaptive.py) go through one fused kernel; rows
 using llama.cpp's dynatemp are truncated before it, as in llama.cpp's sampler chain.
 """
 

@@ -1,6 +1,6 @@
 """Adaptive temperature: a request's rule, and the learned head's choices per step.
 
-Rules (the kernel in `kernels/adaptive_temperature.py` computes them per row):
+Rules (the kernel in `kernels/adaptive_temperature/` computes them per row):
 * `edt` (Zhang et al. 2024): T = t0 * n ** (theta / H), H the entropy of the row's
   distribution after bias and penalties (full vocabulary);
 * `dynatemp` (llama.cpp): T = Tmin + (Tmax - Tmin) * (H / ln(candidates)) ** exponent over
