@@ -15,8 +15,7 @@ from steerserve.adapters.errors import AdapterError
 from steerserve.adapters.sae.autoencoder import SparseAutoencoder
 from steerserve.adapters.sae.files import load_sae
 from steerserve.adapters.steering.store import VectorStore
-from steerserve.decoding.engine.client import EngineClient
-from steerserve.decoding.engine.core import Engine, EngineConfig, EngineUnavailable
+from steerserve.decoding.engine import EngineClient, EngineConfig, EngineUnavailable
 from steerserve.decoding.methods.registry import MethodRegistry
 from steerserve.decoding.model.loader import LoadedModel
 from steerserve.decoding.sampling.temperature_head import TemperatureHead, load_temperature_head
@@ -50,12 +49,12 @@ def build_context(settings: ServerSettings, model: LoadedModel,
     names = [model.name] + [m.name for m in others]
     if len(set(names)) != len(names):
         raise SystemExit(f"hosted model names must differ: {names}")
-    engine = EngineClient(Engine(model, EngineConfig(
+    engine = EngineClient(model, EngineConfig(
         max_num_seqs=settings.max_num_seqs, max_queue=settings.max_queue,
         max_prefill_tokens=settings.max_prefill_tokens,
         max_loras=settings.max_loras if settings.lora_enabled else 0,
         max_lora_rank=settings.max_lora_rank, forward=settings.forward,
-        threads=settings.threads, prefix_cache_slots=settings.prefix_cache_slots), others))
+        threads=settings.threads, prefix_cache_slots=settings.prefix_cache_slots), others)
     shared = SharedStore(Path(settings.shared_store)) if settings.shared_store else None
     ctx = ServingContext(settings, engine, Metrics(engine), int(time.time()),
                          load_vectors(settings, shared), load_heads(settings, model),

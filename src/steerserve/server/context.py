@@ -14,7 +14,7 @@ from steerserve.adapters.lora.files import LoraAdapter
 from steerserve.adapters.lora.mix import MixCache
 from steerserve.adapters.sae.autoencoder import SparseAutoencoder
 from steerserve.adapters.steering.store import VectorStore
-from steerserve.decoding.engine.client import EngineClient
+from steerserve.decoding.engine import EngineClient
 from steerserve.decoding.model.info import ModelInfo
 from steerserve.decoding.sampling.temperature_head import TemperatureHead
 from steerserve.server.errors import APIError

@@ -1,9 +1,10 @@
 """The façade: the only engine object the server touches.
 
-It hands out what may be known of the hosted models, loads and unloads LoRA adapters, runs
-model work between steps (vector extraction), reports admission numbers, and bridges
-requests to the engine thread: outputs come back as async iterators, and leaving one early
-(the client went away, the handler was cancelled) aborts its request, freeing its slots.
+It builds the engine from the loaded models, hands out what may be known of the hosted
+models, loads and unloads LoRA adapters, runs model work between steps (vector extraction),
+reports admission numbers, and bridges requests to the engine thread: outputs come back as
+async iterators, and leaving one early (the client went away, the handler was cancelled)
+aborts its request, freeing its slots.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from steerserve.adapters.lora.files import LoraAdapter, load_lora_adapter
 from steerserve.adapters.registry import AdapterRegistry
 from steerserve.adapters.steering.plan import Capture
 from steerserve.adapters.steering.spec import SteerTarget
-from steerserve.decoding.engine.core import Engine
+from steerserve.decoding.engine.core import Engine, EngineConfig
 from steerserve.decoding.engine.output import EngineStats
 from steerserve.decoding.model.info import ModelInfo
+from steerserve.decoding.model.loader import LoadedModel
 from steerserve.decoding.request import EngineRequest, RequestOutput
 
 Result = TypeVar("Result")
@@ -78,12 +80,15 @@ class RequestStream:
 
 
 class EngineClient:
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+    def __init__(self, model: LoadedModel, config: EngineConfig | None = None,
+                 others: list[LoadedModel] | None = None) -> None:
+        """Hosts `model` (the default, carrying the LoRA adapters) and `others`; the engine
+        thread starts with `start`."""
+        self._engine = Engine(model, config, others)
         self._dispatcher = OutputDispatcher()
         self.adapters: AdapterRegistry[LoraAdapter] = AdapterRegistry()
-        self.models: dict[str, ModelInfo] = {n: h.info for n, h in engine.models.items()}
-        self.primary: ModelInfo = engine.primary.info
+        self.models: dict[str, ModelInfo] = self._engine.model_infos()
+        self.primary: ModelInfo = self.models[model.name]
 
     # ---- lifetime and numbers ----------------------------------------------------------------
     def start(self) -> None:
@@ -127,14 +132,14 @@ class EngineClient:
     # ---- adapters --------------------------------------------------------------------------------
     @property
     def lora_enabled(self) -> bool:
-        return self._engine.primary.lora_slots is not None
+        return self._engine.lora_targets() is not None
 
     def load_adapter(self, name: str, path: Path, max_rank: int) -> LoraAdapter:
         """Read and check an adapter against the primary model (slow: call off the event
         loop); NameTaken or AdapterError when refused."""
-        bank = self._engine.primary.lora_slots.bank
+        targets = self._engine.lora_targets()
         return self.adapters.load(name, lambda: load_lora_adapter(
-            name, path, bank.linears, max_rank, dtype=self.primary.dtype))
+            name, path, targets, max_rank, dtype=self.primary.dtype))
 
     def unload_adapter(self, name: str) -> LoraAdapter | None:
         """New requests cannot pick it; lanes running on it finish first."""
@@ -149,24 +154,14 @@ class EngineClient:
                                      ) -> dict[int, torch.Tensor]:
         """Each prompt's last-token activation per layer: {layer: (B, W) fp32, on the CPU}.
         One forward between two steps (call it per batch so streams keep flowing)."""
-        runner = self._engine.models[model].runner
-
-        def capture() -> dict[int, torch.Tensor]:
-            last = torch.tensor([len(p) - 1 for p in prompts], device=runner.device)
-            found = Capture(frozenset(layers), target, last)
-            runner.capture(prompts, found)
-            return {layer: value.cpu() for layer, value in found.found.items()}
-
-        return await self.call(capture)
+        last = torch.tensor([len(p) - 1 for p in prompts])
+        found = Capture(frozenset(layers), target, last)
+        await self.call(lambda: self._engine.capture(model, prompts, found))
+        return {layer: value.cpu() for layer, value in found.found.items()}
 
     async def prompt_activations(self, model: str, prompt: list[int], layer: int
                                  ) -> torch.Tensor:
         """One prompt's residual stream after block `layer` at every position: (S, H) fp32."""
-        runner = self._engine.models[model].runner
-
-        def capture() -> torch.Tensor:
-            found = Capture(frozenset([layer]), SteerTarget.RESIDUAL, None)
-            runner.capture([prompt], found)
-            return found.found[layer][0]
-
-        return await self.call(capture)
+        found = Capture(frozenset([layer]), SteerTarget.RESIDUAL, None)
+        await self.call(lambda: self._engine.capture(model, [prompt], found))
+        return found.found[layer][0]

@@ -19,6 +19,7 @@ import torch
 from steerserve.adapters.lora.bank import LoraBank
 from steerserve.adapters.lora.slots import LoraSlots
 from steerserve.adapters.steering.hooks import install_steering_hooks
+from steerserve.adapters.steering.plan import Capture
 from steerserve.decoding.engine.admission import Admission
 from steerserve.decoding.engine.chunking import advance_warming
 from steerserve.decoding.engine.compute import StepComputer, StepOutcome
@@ -28,6 +29,7 @@ from steerserve.decoding.engine.output import EngineStats, Output, rows_of
 from steerserve.decoding.engine.scheduler import Scheduler
 from steerserve.decoding.engine.state import Sequence
 from steerserve.decoding.model.hosted import HostedModel
+from steerserve.decoding.model.info import ModelInfo
 from steerserve.decoding.model.loader import LoadedModel
 from steerserve.decoding.model.runner import ModelRunner
 from steerserve.decoding.request import (
@@ -127,6 +129,22 @@ class Engine:
                 return future
             self._inbox.put(Call(work, future))
         return future
+
+    def model_infos(self) -> dict[str, ModelInfo]:
+        return {name: hosted.info for name, hosted in self.models.items()}
+
+    def lora_targets(self) -> dict[str, torch.nn.Linear] | None:
+        """The primary model's adapter-capable projections by module path (None: LoRA off)."""
+        slots = self.primary.lora_slots
+        return slots.bank.linears if slots is not None else None
+
+    def capture(self, model: str, prompts: list[list[int]], capture: Capture) -> None:
+        """A forward of `prompts` outside any lane, filling `capture.found`. Engine thread
+        only: call it through `call_between_steps`."""
+        runner = self.models[model].runner
+        if capture.positions is not None:
+            capture.positions = capture.positions.to(runner.device)
+        runner.capture(prompts, capture)
 
     @property
     def num_running(self) -> int:
