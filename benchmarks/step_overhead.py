@@ -107,7 +107,7 @@ def engine_costs(loaded: LoadedModel, repeats: int) -> dict[str, float]:
                                                                             prompt),))),
                       lambda _: None)
     engine.step()  # the prefill
-    runner, lanes = engine.primary.runner, engine.primary.lanes
+    runner, lanes = engine.primary.runner, engine.primary.slots.lanes
     return medians_ms({"engine step": engine.step, "bare decode forward": lambda: runner.decode(
         0, [5] * rows, [lane.cached_length for lane in lanes])}, repeats)
 

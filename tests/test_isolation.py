@@ -106,8 +106,8 @@ def test_a_fault_fails_its_request_alone_and_others_are_unchanged(llama, joins, 
     for request_id, tokens in expected.items():
         assert collector.tokens(request_id) == tokens, request_id
         assert collector.last(request_id).finish_reason == FinishReason.LENGTH
-    assert engine.num_running == 0 and not engine.primary.lanes
-    assert engine.primary.free_slots == engine.primary.num_slots
+    assert engine.num_running == 0 and not engine.primary.slots.lanes
+    assert engine.primary.slots.free == engine.primary.slots.num_slots
 
 
 def test_a_fault_mid_decode_of_the_failing_request(llama, monkeypatch):

@@ -219,7 +219,8 @@ def test_mixed_methods_in_one_batch_equal_each_alone(engine, tokenizer):
     together = run_engine(engine, jobs)
     for got, expected in zip(together, alone, strict=True):
         assert_matches(got, expected)
-    assert all(not hosted.lanes and hosted.reserved == 0 for hosted in engine.models.values())
+    assert all(not hosted.slots.lanes and hosted.slots.reserved == 0
+               for hosted in engine.models.values())
 
 
 def test_dola_requests_batched_together_equal_each_alone(engine):
@@ -245,7 +246,7 @@ def test_proxy_with_base_as_anti_expert_shares_one_lane(engine, models):
         collector.submit_request(engine, EngineRequest("p", tuple(prompt), SamplingParams(
             max_tokens=STEPS, temperature=0.0, ignore_eos=True), method))
         engine.step()
-        assert len(engine.models["base"].lanes) == 1  # base and anti-expert: one lane
+        assert len(engine.models["base"].slots.lanes) == 1  # base and anti-expert: one lane
         run_to_completion(engine)
         if alpha == 0.0:  # plain decoding of the base, exactly
             plain = run_engine(engine, [(prompt, None)])[0][0]

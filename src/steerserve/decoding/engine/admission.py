@@ -7,7 +7,8 @@ import torch
 
 from steerserve.decoding.engine.detokenizer import IncrementalDetokenizer
 from steerserve.decoding.engine.state import Sequence
-from steerserve.decoding.model.hosted import HostedModel, Lane
+from steerserve.decoding.model.hosted import HostedModel
+from steerserve.decoding.model.slot_table import Lane
 from steerserve.decoding.request import EngineRequest, LaneSpec, OutputSink
 from steerserve.decoding.sampling.history import TokenHistory
 
@@ -57,9 +58,9 @@ class Admission:
 
     def _check_capacity(self, name: str, lanes: int, adapters: int) -> None:
         hosted = self.models[name]
-        if lanes > hosted.num_slots:
+        if lanes > hosted.slots.num_slots:
             raise Inadmissible(f"this request needs {lanes} KV-cache slots on '{name}', which "
-                               f"has {hosted.num_slots} (--max-num-seqs)", "decoding")
+                               f"has {hosted.slots.num_slots} (--max-num-seqs)", "decoding")
         if adapters and hosted.lora_slots is None:
             raise Inadmissible(f"model '{name}' runs no LoRA adapters", "model")
         if adapters and adapters > hosted.lora_slots.bank.num_slots:
@@ -76,7 +77,7 @@ class Admission:
         if not self._slots_available(unique, request):
             return None
         sequence = self._sequence(request, sink)
-        lanes = [Lane(spec, sequence) for spec in unique]
+        lanes = [Lane(spec) for spec in unique]
         sequence.lanes = [next(lane for lane in lanes if lane.spec.same_as(spec))
                           for spec in specs]
         sequence.lane_temperatures = [spec.temperature for spec in specs]
@@ -87,17 +88,17 @@ class Admission:
         for lane, slot in zip(lanes, lora, strict=True):
             lane.lora_slot = slot
             hosted = self.models[lane.spec.model]
-            hosted.add(lane)
-            hosted.reuse_prefix(lane)
+            hosted.slots.add(lane)
+            hosted.slots.reuse_prefix(lane)
         sequence.late_pending = request.method.late_lanes
-        self.models[request.model].reserved += sequence.late_pending
+        self.models[request.model].slots.reserve(sequence.late_pending)
         return sequence
 
     def _slots_available(self, unique: list[LaneSpec], request: EngineRequest) -> bool:
         needed = {request.model: request.method.late_lanes}
         for spec in unique:
             needed[spec.model] = needed.get(spec.model, 0) + 1
-        return all(self.models[name].free_slots >= count for name, count in needed.items())
+        return all(self.models[name].slots.free >= count for name, count in needed.items())
 
     def _acquire_lora(self, unique: list[LaneSpec]) -> list[int] | None:
         taken: list[tuple[HostedModel | None, int]] = []
@@ -156,13 +157,13 @@ class Admission:
             raise ValueError(f"{sequence.request.method.name} promised "
                              f"{sequence.late_pending} late lanes and made {len(specs)}")
         hosted = self.models[sequence.request.model]
-        lanes = [Lane(spec, sequence, lora_slot=self._late_lora(sequence, spec, hosted))
+        lanes = [Lane(spec, lora_slot=self._late_lora(sequence, spec, hosted))
                  for spec in specs]
         first = len(sequence.lanes)
-        hosted.reserved -= sequence.late_pending
+        hosted.slots.unreserve(sequence.late_pending)
         sequence.late_pending = 0
         for lane in lanes:
-            hosted.add(lane)
+            hosted.slots.add(lane)
             sequence.lanes.append(lane)
             sequence.lane_temperatures.append(lane.spec.temperature)
         self._flag(sequence, range(first, len(sequence.lanes)))
@@ -185,7 +186,7 @@ class Admission:
             for lane in s.unique_lanes:
                 if lane.slot >= 0:
                     by_model.setdefault(lane.spec.model, []).append(lane)
-            self.models[s.request.model].reserved -= s.late_pending
+            self.models[s.request.model].slots.unreserve(s.late_pending)
             s.late_pending = 0
         for name, lanes in by_model.items():
-            self.models[name].release(lanes)
+            self.models[name].slots.release(lanes)

@@ -10,19 +10,10 @@ every position's logits in one forward and are not chunked.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING
-
 from steerserve.decoding.engine.state import Sequence
 from steerserve.decoding.model import forward
-from steerserve.decoding.model.hosted import HostedModel, Lane
-
-if TYPE_CHECKING:  # the scheduler asks `needs_chunks` which requests warm
-    from steerserve.decoding.engine.scheduler import Scheduler
-
-
-logger = logging.getLogger(__name__)
+from steerserve.decoding.model.hosted import HostedModel
+from steerserve.decoding.model.slot_table import Lane
 
 
 def rest(lane: Lane) -> int:
@@ -44,21 +35,3 @@ def prefill_chunk(models: dict[str, HostedModel], s: Sequence, budget: int) -> N
     for name, lanes in by_model.items():
         for run in forward.slot_runs(lanes):
             forward.prefill_part(models[name], run, [lane.reused + budget for lane in run])
-
-
-def advance_warming(scheduler: Scheduler, models: dict[str, HostedModel], budget: int,
-                    fail: Callable[[Sequence, Exception], None]) -> list[Sequence]:
-    """The oldest long prompt joins the running requests once its rest fits one prefill
-    (returned: it prefills in this step), or else gets one chunk now: one chunk a step, so
-    running streams go on."""
-    joined = scheduler.join_warmed()
-    if joined is not None:
-        return [joined]
-    if scheduler.warming:
-        s = scheduler.warming[0]
-        try:
-            prefill_chunk(models, s, budget)
-        except Exception as exc:  # this request only
-            logger.exception("request %s failed in a prefill chunk", s.request_id)
-            fail(s, exc)
-    return []

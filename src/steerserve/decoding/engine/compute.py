@@ -15,7 +15,8 @@ from steerserve.decoding.engine.view import StepView
 from steerserve.decoding.methods.combination import next_token_rows, prompt_rows
 from steerserve.decoding.model import forward
 from steerserve.decoding.model.forward import Results
-from steerserve.decoding.model.hosted import HostedModel, Lane
+from steerserve.decoding.model.hosted import HostedModel
+from steerserve.decoding.model.slot_table import Lane
 from steerserve.decoding.sampling.adaptive import head_choices
 from steerserve.decoding.sampling.sampler import RowState, sample
 
@@ -57,12 +58,15 @@ class StepComputer:
 
     def _forward(self, requests: list[Sequence], lanes_of) -> Results:
         by_model: dict[str, list[Lane]] = {}
+        feed: dict[Lane, int] = {}
         for s in requests:
             for lane in lanes_of(s):
                 by_model.setdefault(lane.spec.model, []).append(lane)
+                if lane.prefilled:
+                    feed[lane] = s.output_ids[lane.fed]
         results: Results = {}
         for name, lanes in by_model.items():
-            results.update(forward.run(self.models[name], lanes))
+            results.update(forward.run(self.models[name], lanes, feed))
         return results
 
     def _sample(self, requests: list[Sequence], views: list[StepView],

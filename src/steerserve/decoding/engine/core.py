@@ -1,9 +1,11 @@
 """The engine: a step loop on its own thread over continuously batched lanes.
 
-One step = admit (and a chunk of a long prompt) -> compute (forwards per hosted model, late
-lanes, combine, sample; each request alone if the batch raised) -> commit (lanes advance,
-tokens reach their requests, finished requests free their slots). Other threads only submit,
-abort, call and read counts.
+One step = plan (the scheduler places waiting requests and says which rows run, which join,
+which long prompt gets a chunk) -> execute the plan (refusals answered, the chunk
+prefilled, the rows computed: forwards per hosted model, late lanes, combine, sample; each
+request alone if the batch raised) -> commit (lanes advance, tokens reach their requests,
+finished and failed requests free their slots). Other threads only submit, abort, call and
+read counts.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from steerserve.adapters.lora.slots import LoraSlots
 from steerserve.adapters.steering.hooks import install_steering_hooks
 from steerserve.adapters.steering.plan import Capture
 from steerserve.decoding.engine.admission import Admission
-from steerserve.decoding.engine.chunking import advance_warming
-from steerserve.decoding.engine.compute import StepComputer, StepOutcome
+from steerserve.decoding.engine.chunking import prefill_chunk
+from steerserve.decoding.engine.compute import StepComputer
 from steerserve.decoding.engine.inbox import Abort, Call, Message, Submit, Wake
-from steerserve.decoding.engine.isolation import compute_isolated
+from steerserve.decoding.engine.isolation import Computed, compute_isolated
 from steerserve.decoding.engine.output import EngineStats, Output, rows_of
+from steerserve.decoding.engine.plan import StepPlan
 from steerserve.decoding.engine.scheduler import Scheduler
 from steerserve.decoding.engine.state import Sequence
 from steerserve.decoding.model.hosted import HostedModel
@@ -75,8 +78,8 @@ class Engine:
         for index, model in enumerate([loaded, *(others or [])]):
             self.models[model.name] = self._host(model, with_lora=index == 0)
         self.primary = self.models[loaded.name]
-        self.scheduler = Scheduler(self.config.max_prefill_tokens)
         self.admission = Admission(self.models)
+        self.scheduler = Scheduler(self.admission, self.config.max_prefill_tokens)
         self.compute = StepComputer(self.models, self.admission)
         self.stats = EngineStats()
         self.output = Output(self.models, self.stats)
@@ -87,7 +90,6 @@ class Engine:
         self._death: str | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self._leaving: list[Sequence] = []  # failed in this step; released after the commit
 
     def _host(self, loaded: LoadedModel, with_lora: bool) -> HostedModel:
         bank, slots = None, None
@@ -189,33 +191,45 @@ class Engine:
 
     def step(self) -> None:
         self._drain_inbox()
-        admitted = self.scheduler.admit(self._place, self._refuse) + self._warm()
+        plan = self.scheduler.plan()
+        self._dequeued(plan.left_the_queue)
+        for submitted, exc in plan.refused:
+            self._refuse(submitted, exc)
+        if plan.chunk is not None:
+            self._prefill_chunk(plan.chunk)
         self._running = self.scheduler.num_placed
-        running = list(self.scheduler.running)
-        if not running:
+        if not plan.rows:
             return
-        outcomes = compute_isolated(self.compute, running, admitted, self._fail)
-        self._commit(outcomes, admitted)
+        computed = compute_isolated(self.compute, plan.rows, plan.joining)
+        self._commit(computed, plan)
         self.stats.steps += 1
 
-    def _warm(self) -> list[Sequence]:
-        return advance_warming(self.scheduler, self.models, self.config.max_prefill_tokens,
-                               self._fail_now)
+    def _prefill_chunk(self, s: Sequence) -> None:
+        try:
+            prefill_chunk(self.models, s, self.config.max_prefill_tokens)
+        except Exception as exc:  # this request only; its lanes are freed at once
+            logger.exception("request %s failed in a prefill chunk", s.request_id)
+            self._report_failure(s, exc)
+            self._release([s])
 
-    def _commit(self, outcomes: list[StepOutcome], admitted: list[Sequence]) -> None:
-        for outcome in outcomes:
+    def _commit(self, computed: Computed, plan: StepPlan) -> None:
+        """Lanes advance and rows take their tokens; then every finished or failed request
+        leaves (a failed one's lanes are freed only now: the outcomes may share its slots'
+        runs)."""
+        for outcome in computed.outcomes:
             self.output.advance_lanes(outcome.results)
-        finished = []
-        for s, row in rows_of(outcomes):
+        leaving = []
+        for s, exc in computed.failed:
+            self._report_failure(s, exc)
+            leaving.append(s)
+        for s, row in rows_of(computed.outcomes):
             try:
-                self.output.take(s, row, s in admitted)
+                self.output.take(s, row, s in plan.joining)
             except Exception as exc:  # this request's postprocessing only
                 logger.exception("request %s failed after its step", s.request_id)
-                self._fail(s, exc)
-                continue
+                self._report_failure(s, exc)
             if s.finished:
-                finished.append(s)
-        leaving, self._leaving = finished + self._leaving, []
+                leaving.append(s)
         if leaving:
             self._release(leaving)
 
@@ -238,32 +252,16 @@ class Engine:
                 return
 
     # ---- admission, leaving, failures ---------------------------------------------------------
-    def _place(self, submitted: Submit) -> Sequence | None:
-        sequence = self.admission.place(submitted.request, submitted.sink)
-        if sequence is not None:
-            self._dequeued()
-        return sequence
-
-    def _dequeued(self) -> None:
-        with self._lock:
-            self._queued -= 1
+    def _dequeued(self, count: int) -> None:
+        if count:
+            with self._lock:
+                self._queued -= count
 
     def _refuse(self, submitted: Submit, exc: Exception) -> None:
         logger.exception("request %s could not be admitted", submitted.request.request_id,
                          exc_info=exc)
-        self._dequeued()
         submitted.sink(_ended(submitted.request, FinishReason.ERROR,
                               Failure(f"internal error while admitting the request: {exc}")))
-
-    def _fail(self, s: Sequence, exc: Exception) -> None:
-        """End one request with an error now; its lanes are freed after the step's commit."""
-        self._report_failure(s, exc)
-        self._leaving.append(s)
-
-    def _fail_now(self, s: Sequence, exc: Exception) -> None:
-        """Outside a step's computation: its lanes are freed at once."""
-        self._report_failure(s, exc)
-        self._release([s])
 
     def _report_failure(self, s: Sequence, exc: Exception) -> None:
         s.finish_reason = FinishReason.ERROR
@@ -280,7 +278,7 @@ class Engine:
     def _abort(self, request_id: str) -> None:
         submitted = self.scheduler.remove_waiting(request_id)
         if submitted is not None:
-            self._dequeued()
+            self._dequeued(1)
             submitted.sink(_ended(submitted.request, FinishReason.ABORT))
             return
         s = self.scheduler.find_running(request_id)

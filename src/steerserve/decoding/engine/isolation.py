@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from steerserve.decoding.engine.compute import StepOutcome
 from steerserve.decoding.engine.state import Sequence
@@ -18,7 +19,12 @@ from steerserve.decoding.engine.state import Sequence
 logger = logging.getLogger(__name__)
 
 Compute = Callable[[list[Sequence], list[Sequence]], StepOutcome]
-Fail = Callable[[Sequence, Exception], None]
+
+
+@dataclass
+class Computed:
+    outcomes: list[StepOutcome]  # one for the batch, or one per request that did not fail
+    failed: list[tuple[Sequence, Exception]] = field(default_factory=list)
 
 
 class GeneratorSnapshot:
@@ -33,22 +39,20 @@ class GeneratorSnapshot:
             s.generator.set_state(state)
 
 
-def compute_isolated(compute: Compute, requests: list[Sequence], admitted: list[Sequence],
-                     fail: Fail) -> list[StepOutcome]:
-    """The step's outcomes: one for the batch, or one per request that did not fail."""
+def compute_isolated(compute: Compute, requests: list[Sequence],
+                     joining: list[Sequence]) -> Computed:
     snapshot = GeneratorSnapshot(requests)
     try:
-        return [compute(requests, admitted)]
+        return Computed([compute(requests, joining)])
     except Exception:
         logger.exception("a batched step failed; computing each of its %d requests alone",
                          len(requests))
-    outcomes = []
+    computed = Computed([])
     for s in requests:
         snapshot.restore(s)
         try:
-            outcomes.append(compute([s], [a for a in admitted if a is s]))
+            computed.outcomes.append(compute([s], [j for j in joining if j is s]))
         except Exception as exc:
             logger.exception("request %s failed in the engine step", s.request_id)
-            fail(s, exc)
-    return outcomes
-
+            computed.failed.append((s, exc))
+    return computed

@@ -36,7 +36,7 @@ class Output:
                 lane.prefilled = True
                 self.stats.prompt_tokens += len(lane.prompt_ids) - lane.from_cache
                 self.stats.cached_prompt_tokens += lane.from_cache
-                self.models[lane.spec.model].remember_prefix(lane)
+                self.models[lane.spec.model].slots.remember_prefix(lane)
 
     def take(self, s: Sequence, row: RowOutcome, admitted: bool) -> None:
         """The request's token of this step (none when it only scores its prompt)."""

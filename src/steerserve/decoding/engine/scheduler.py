@@ -1,24 +1,27 @@
-"""Admission: waiting requests become running sequences while the prefill budget allows.
+"""Scheduling: which requests run in the next step, as a `StepPlan`.
 
-Slots belong to hosted models (decoding/model/hosted.py); `place` returns None when a
-request's lanes cannot all get one now (or its LoRA adapter has no slot), and admission
-stops there. A request whose placement raises is handed to `refuse` and dropped. A prompt
-longer than the budget waits in `warming` while the engine prefills it a chunk per step
-(decoding/engine/chunking.py), then joins the running ones.
+Waiting requests are placed (their lanes get slots on their models: `Admission.place`) in
+arrival order while the padded prefill batch stays within budget; a request whose lanes
+cannot all get a slot now waits, and the queue behind it waits too. A request whose placing
+raises is refused in the plan. A prompt longer than the budget waits in `warming` while the
+engine prefills it a chunk per step (decoding/engine/chunking.py), then joins the running
+ones.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 
+from steerserve.decoding.engine.admission import Admission
 from steerserve.decoding.engine.chunking import needs_chunks
 from steerserve.decoding.engine.inbox import Submit
+from steerserve.decoding.engine.plan import StepPlan
 from steerserve.decoding.engine.state import Sequence
 
 
 class Scheduler:
-    def __init__(self, max_prefill_tokens: int) -> None:
+    def __init__(self, admission: Admission, max_prefill_tokens: int) -> None:
+        self.admission = admission
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Submit] = deque()
         self.running: list[Sequence] = []
@@ -31,46 +34,58 @@ class Scheduler:
     def num_placed(self) -> int:
         return len(self.running) + len(self.warming)
 
-    def admit(self, place: Callable[[Submit], Sequence | None],
-              refuse: Callable[[Submit, Exception], None]) -> list[Sequence]:
-        """Admit in arrival order while the padded prefill batch stays within budget; a
-        prompt longer than the budget goes to `warming` instead."""
+    def plan(self) -> StepPlan:
+        """Admit what fits, then either let the oldest long prompt join (its rest fits one
+        prefill) or give it its next chunk: one chunk a step, so running streams go on."""
+        joining, placed, refused = self._admit()
+        joined = self._join_warmed()
+        chunk = None
+        if joined is not None:
+            joining.append(joined)
+        elif self.warming:
+            chunk = self.warming[0]
+        return StepPlan(list(self.running), joining, chunk, placed, refused)
+
+    def _admit(self) -> tuple[list[Sequence], int, list[tuple[Submit, Exception]]]:
         admitted: list[Sequence] = []
+        refused: list[tuple[Submit, Exception]] = []
+        placed = 0
         width = 0
         while self.waiting:
-            length = max(len(spec.prompt_ids) for spec in self.waiting[0].request.lanes)
+            submitted = self.waiting[0]
+            length = max(len(spec.prompt_ids) for spec in submitted.request.lanes)
             new_width = max(width, length)
             if admitted and new_width * (len(admitted) + 1) > self.max_prefill_tokens:
                 break
             try:
-                sequence = place(self.waiting[0])
+                sequence = self.admission.place(submitted.request, submitted.sink)
             except Exception as exc:  # this request only: the queue goes on
-                refuse(self.waiting.popleft(), exc)
+                refused.append((self.waiting.popleft(), exc))
                 continue
             if sequence is None:
                 break
             self.waiting.popleft()
+            placed += 1
             if needs_chunks(sequence, self.max_prefill_tokens):
                 self.warming.append(sequence)
                 continue
             width = new_width
             admitted.append(sequence)
         self.running.extend(admitted)
-        return admitted
+        return admitted, placed, refused
+
+    def _join_warmed(self) -> Sequence | None:
+        if self.warming and not needs_chunks(self.warming[0], self.max_prefill_tokens):
+            s = self.warming.popleft()
+            self.running.append(s)
+            return s
+        return None
 
     def remove_waiting(self, request_id: str) -> Submit | None:
         for submitted in self.waiting:
             if submitted.request.request_id == request_id:
                 self.waiting.remove(submitted)
                 return submitted
-        return None
-
-    def join_warmed(self) -> Sequence | None:
-        """The oldest warming request, once the rest of its prompt fits one prefill."""
-        if self.warming and not needs_chunks(self.warming[0], self.max_prefill_tokens):
-            s = self.warming.popleft()
-            self.running.append(s)
-            return s
         return None
 
     def find_running(self, request_id: str) -> Sequence | None:

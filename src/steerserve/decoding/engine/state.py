@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from steerserve.decoding.engine.detokenizer import IncrementalDetokenizer
-from steerserve.decoding.model.hosted import Lane
+from steerserve.decoding.model.slot_table import Lane
 from steerserve.decoding.request import EngineRequest, FinishReason, OutputSink
 from steerserve.decoding.sampling.history import TokenHistory
 from steerserve.decoding.sampling.params import SamplingParams

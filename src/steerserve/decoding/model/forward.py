@@ -14,7 +14,8 @@ import torch
 
 from steerserve.adapters.steering.plan import Capture, SteeringPlan, prefill_plan
 from steerserve.adapters.steering.spec import SteerTarget
-from steerserve.decoding.model.hosted import HostedModel, Lane
+from steerserve.decoding.model.hosted import HostedModel
+from steerserve.decoding.model.slot_table import Lane
 
 
 @dataclass
@@ -28,10 +29,11 @@ class LaneResult:
 Results = dict[Lane, LaneResult]
 
 
-def run(hosted: HostedModel, lanes: list[Lane]) -> Results:
+def run(hosted: HostedModel, lanes: list[Lane], feed: dict[Lane, int]) -> Results:
+    """`feed`: the token each prefilled lane takes next (its request's newest)."""
     results: Results = {}
     for group in slot_runs([lane for lane in lanes if lane.prefilled]):
-        results.update(decode(hosted, group))
+        results.update(decode(hosted, group, [feed[lane] for lane in group]))
     for group in slot_runs([lane for lane in lanes if not lane.prefilled]):
         results.update(prefill(hosted, group))
     return results
@@ -80,12 +82,12 @@ def _early(lanes: list[Lane], capture: Capture | None) -> list[dict[int, torch.T
     return early
 
 
-def decode(hosted: HostedModel, lanes: list[Lane]) -> Results:
-    """Lanes in consecutive slots, each feeding its owner's newest token."""
+def decode(hosted: HostedModel, lanes: list[Lane], tokens: list[int]) -> Results:
+    """Lanes in consecutive slots, each feeding its token."""
     device = hosted.loaded.device
     capture = _early_exit_capture(lanes, [0] * len(lanes), device)
     plan = _with_capture(hosted.steering_for_decode(lanes), capture)
-    out = hosted.runner.decode(lanes[0].slot, [lane.next_token for lane in lanes],
+    out = hosted.runner.decode(lanes[0].slot, tokens,
                                [lane.cached_length for lane in lanes],
                                [lane.lora_slot for lane in lanes], plan)
     early = _early(lanes, capture)
