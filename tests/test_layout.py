@@ -4,6 +4,7 @@ list, and no collision with Hugging Face's `kernels` or AdapterHub's `adapters`.
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,14 @@ def test_other_kernels_and_adapters_packages_do_not_shadow_ours(tmp_path):
         "assert h.flatten().tolist() == [1.0] * 4\n",
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path)})
     assert result.returncode == 0, result.stderr
+
+
+def test_the_server_reaches_the_engine_only_through_its_facade():
+    """`server/` imports `steerserve.decoding.engine` itself, never one of its modules."""
+    inner = []
+    for path in (PACKAGE / "server").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module \
+                    and node.module.startswith("steerserve.decoding.engine."):
+                inner.append(f"{path.relative_to(PACKAGE)}: {node.module}")
+    assert not inner

@@ -9,9 +9,12 @@ from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
-from steerserve.decoding.engine.admission import Inadmissible
-from steerserve.decoding.engine.client import RequestStream
-from steerserve.decoding.engine.core import EngineUnavailable, QueueFull
+from steerserve.decoding.engine import (
+    EngineUnavailable,
+    Inadmissible,
+    QueueFull,
+    RequestStream,
+)
 from steerserve.decoding.request import EngineRequest, Failure, RequestOutput, TokenLogprob
 from steerserve.server.context import ServingContext
 from steerserve.server.errors import APIError, error_response

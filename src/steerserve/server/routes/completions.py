@@ -10,7 +10,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from steerserve.decoding.engine.client import RequestStream
+from steerserve.decoding.engine import RequestStream
 from steerserve.decoding.request import EngineRequest
 from steerserve.server.body import parse_body, read_body
 from steerserve.server.context import ServingContext

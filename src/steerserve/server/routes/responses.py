@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from steerserve.decoding.engine.client import RequestStream
+from steerserve.decoding.engine import RequestStream
 from steerserve.server.auth import check_api_key
 from steerserve.server.body import read_body
 from steerserve.server.context import ServingContext
