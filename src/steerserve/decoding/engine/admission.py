@@ -1,12 +1,12 @@
 """Placing a request's lanes: whether it can ever run here, slots and LoRA slots when it is
-admitted, the late lanes a method adds after the prefill, and freeing all of it."""
+admitted, and freeing them when it leaves (late lanes: decoding/engine/late_lanes.py)."""
 
 from __future__ import annotations
 
 import torch
 
 from steerserve.decoding.engine.detokenizer import IncrementalDetokenizer
-from steerserve.decoding.engine.state import Sequence
+from steerserve.decoding.engine.state import Sequence, flag_lanes
 from steerserve.decoding.model.hosted import HostedModel
 from steerserve.decoding.model.slot_table import Lane
 from steerserve.decoding.request import EngineRequest, LaneSpec, OutputSink
@@ -81,7 +81,7 @@ class Admission:
         sequence.lanes = [next(lane for lane in lanes if lane.spec.same_as(spec))
                           for spec in specs]
         sequence.lane_temperatures = [spec.temperature for spec in specs]
-        self._flag(sequence)
+        flag_lanes(sequence)
         lora = self._acquire_lora(unique)
         if lora is None:
             return None  # every LoRA slot is pinned by running lanes: wait
@@ -130,53 +130,6 @@ class Admission:
                                            hosted.loaded.device)
         return Sequence(request, sink, detokenizer, generator, eos_ids=hosted.info.eos_ids,
                         history=history)
-
-    @staticmethod
-    def _flag(sequence: Sequence, positions: range | None = None) -> None:
-        """What each lane keeps from its forwards, as the method asks."""
-        method = sequence.request.method
-        scoring = sequence.params.prompt_logprobs is not None
-        wanted = method.prompt_logits_lanes(scoring)
-        for position in range(len(sequence.lanes)) if positions is None else positions:
-            lane = sequence.lanes[position]
-            lane.wants_prompt_logits = lane.wants_prompt_logits or position in wanted
-            lane.capture_layers = lane.capture_layers or method.capture_layers(position)
-
-    # ---- late lanes (engine thread, inside a step) -------------------------------------------
-    def late_lanes(self, sequence: Sequence, view) -> list[Lane]:
-        """Create the method's late lanes once (a step run again finds them made); returns
-        those still to prefill."""
-        if sequence.late_pending:
-            self._start_late(sequence, view)
-        return [lane for lane in sequence.lanes[len(sequence.request.lanes):]
-                if not lane.prefilled]
-
-    def _start_late(self, sequence: Sequence, view) -> None:
-        specs = sequence.request.method.after_prefill(view)
-        if len(specs) != sequence.late_pending:
-            raise ValueError(f"{sequence.request.method.name} promised "
-                             f"{sequence.late_pending} late lanes and made {len(specs)}")
-        hosted = self.models[sequence.request.model]
-        lanes = [Lane(spec, lora_slot=self._late_lora(sequence, spec, hosted))
-                 for spec in specs]
-        first = len(sequence.lanes)
-        hosted.slots.unreserve(sequence.late_pending)
-        sequence.late_pending = 0
-        for lane in lanes:
-            hosted.slots.add(lane)
-            sequence.lanes.append(lane)
-            sequence.lane_temperatures.append(lane.spec.temperature)
-        self._flag(sequence, range(first, len(sequence.lanes)))
-
-    @staticmethod
-    def _late_lora(sequence: Sequence, spec: LaneSpec, hosted: HostedModel) -> int:
-        if spec.model != hosted.name:
-            raise ValueError("late lanes run on the model of the request's first lane")
-        if spec.adapter is None:
-            return -1
-        if all(lane.spec.adapter is not spec.adapter for lane in sequence.lanes):
-            raise ValueError("late lanes may only use adapters the request already holds")
-        return hosted.lora_slots.acquire(spec.adapter)  # resident and pinned: never None
 
     # ---- leaving -------------------------------------------------------------------------------
     def release(self, leaving: list[Sequence]) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from steerserve.decoding.engine.admission import Admission
+from steerserve.decoding.engine.late_lanes import late_lanes
 from steerserve.decoding.engine.state import Sequence
 from steerserve.decoding.engine.view import StepView
 from steerserve.decoding.methods.combination import next_token_rows, prompt_rows
@@ -40,9 +40,8 @@ class StepOutcome:
 
 
 class StepComputer:
-    def __init__(self, models: dict[str, HostedModel], admission: Admission) -> None:
+    def __init__(self, models: dict[str, HostedModel]) -> None:
         self.models = models
-        self.admission = admission
 
     def early_exits(self, model: str, hidden: torch.Tensor) -> torch.Tensor:
         return self.models[model].runner.early_exit_logits(hidden)
@@ -51,7 +50,7 @@ class StepComputer:
         results = self._forward(requests, lambda s: s.unique_lanes)
         joining = [s for s in requests if s in admitted]
         results.update(self._forward(joining, lambda s: [
-            late for late in self.admission.late_lanes(s, StepView(s, results))
+            late for late in late_lanes(self.models, s, StepView(s, results))
             if late not in results]))  # a step computed again already prefilled them
         views = [StepView(s, results) for s in requests]
         return StepOutcome(results, self._sample(requests, views, joining))

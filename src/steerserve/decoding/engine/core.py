@@ -80,7 +80,7 @@ class Engine:
         self.primary = self.models[loaded.name]
         self.admission = Admission(self.models)
         self.scheduler = Scheduler(self.admission, self.config.max_prefill_tokens)
-        self.compute = StepComputer(self.models, self.admission)
+        self.compute = StepComputer(self.models)
         self.stats = EngineStats()
         self.output = Output(self.models, self.stats)
         self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()

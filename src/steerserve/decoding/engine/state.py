@@ -51,3 +51,14 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+def flag_lanes(sequence: Sequence, positions: range | None = None) -> None:
+    """What each lane keeps from its forwards, as the request's method asks."""
+    method = sequence.request.method
+    scoring = sequence.params.prompt_logprobs is not None
+    wanted = method.prompt_logits_lanes(scoring)
+    for position in range(len(sequence.lanes)) if positions is None else positions:
+        lane = sequence.lanes[position]
+        lane.wants_prompt_logits = lane.wants_prompt_logits or position in wanted
+        lane.capture_layers = lane.capture_layers or method.capture_layers(position)
