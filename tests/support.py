@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
 
 import httpx
 
@@ -17,6 +19,20 @@ from steerserve.decoding.engine.core import Engine, EngineConfig
 from steerserve.decoding.model.loader import LoadedModel
 
 API_KEY = "test-key"
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_script(relative: str) -> ModuleType:
+    """A script of the repository's (benchmarks/, examples/) as a module, loaded from its
+    file: scripts are not packages, and nothing is added to sys.path."""
+    path = REPO / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses in it look their module up by name
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_engine(model: LoadedModel, **config) -> Engine:

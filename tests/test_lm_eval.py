@@ -7,21 +7,19 @@ request body (examples/lm_eval/steerserve_lm.py) changes the scores."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.support import LiveServer
+from tests.support import LiveServer, load_script
 
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "lm_eval"
-sys.path.insert(0, str(EXAMPLES))
-import steerserve_lm  # noqa: E402, F401  (registers steerserve-completions)
+load_script("examples/lm_eval/steerserve_lm.py")  # registers steerserve-completions
 
 pytestmark = pytest.mark.slow
 

@@ -4,19 +4,17 @@ hundreds of requests, is `.venv/bin/python benchmarks/soak.py`; results in docs/
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 
-from tests.support import API_KEY, LiveServer
+from tests.support import API_KEY, LiveServer, load_script
 from tests.tiny_models import tiny_llama
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from soak import Names, make_jobs, soak  # noqa: E402
+_soak = load_script("benchmarks/soak.py")
+Names, make_jobs, soak = _soak.Names, _soak.make_jobs, _soak.soak
 
 
 @pytest.fixture(scope="module")

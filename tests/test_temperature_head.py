@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,10 +16,11 @@ from steerserve.decoding.sampling.temperature_head import (
     load_temperature_head,
     save_temperature_head,
 )
+from tests.support import load_script
 
 # Training code (the LPO loss) lives with the training script, outside the serving packages.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-from lpo import choice_log_probs, lpo_loss  # noqa: E402
+_lpo = load_script("examples/lpo.py")
+choice_log_probs, lpo_loss = _lpo.choice_log_probs, _lpo.lpo_loss
 
 TEMPS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
