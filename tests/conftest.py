@@ -22,7 +22,15 @@ import pytest  # noqa: E402
 
 from steerserve.decoding.model.loader import LoadedModel, from_pretrained_objects, load_model  # noqa: E402
 from tests.support import API_KEY, LiveServer  # noqa: E402
-from tests.tiny_models import tiny_gemma, tiny_llama, tiny_qwen2, tiny_tokenizer  # noqa: E402
+from tests.tiny_models import (  # noqa: E402
+    tiny_gemma,
+    tiny_gemma2,
+    tiny_gemma3,
+    tiny_llama,
+    tiny_phi3,
+    tiny_qwen2,
+    tiny_tokenizer,
+)
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +67,36 @@ def gemma(tokenizer) -> LoadedModel:
 @pytest.fixture(scope="session")
 def gemma_reference(tokenizer):
     return tiny_gemma(len(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def gemma2(tokenizer) -> LoadedModel:
+    return from_pretrained_objects(tiny_gemma2(len(tokenizer)), tokenizer, "tiny-gemma2")
+
+
+@pytest.fixture(scope="session")
+def gemma2_reference(tokenizer):
+    return tiny_gemma2(len(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def gemma3(tokenizer) -> LoadedModel:
+    return from_pretrained_objects(tiny_gemma3(len(tokenizer)), tokenizer, "tiny-gemma3")
+
+
+@pytest.fixture(scope="session")
+def gemma3_reference(tokenizer):
+    return tiny_gemma3(len(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def phi3(tokenizer) -> LoadedModel:
+    return from_pretrained_objects(tiny_phi3(len(tokenizer)), tokenizer, "tiny-phi3")
+
+
+@pytest.fixture(scope="session")
+def phi3_reference(tokenizer):
+    return tiny_phi3(len(tokenizer))
 
 
 @pytest.fixture(scope="session")

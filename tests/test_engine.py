@@ -25,13 +25,17 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
-@pytest.mark.parametrize(("model_name", "forward"), [
-    ("llama", "fused"), ("llama", "hf"), ("qwen2", "fused"), ("qwen2", "hf"), ("gemma", "auto")])
-def test_batched_greedy_equals_hf_generate(request, model_name, forward):
+@pytest.mark.parametrize(("model_name", "forward", "chosen"), [
+    ("llama", "fused", "fused"), ("llama", "hf", "hf"), ("qwen2", "fused", "fused"),
+    ("qwen2", "hf", "hf"), ("gemma", "auto", "fused"), ("gemma", "hf", "hf"),
+    ("gemma2", "auto", "fused"), ("gemma2", "hf", "hf"), ("gemma3", "auto", "fused"),
+    ("gemma3", "hf", "hf"), ("phi3", "auto", "hf")])
+def test_batched_greedy_equals_hf_generate(request, model_name, forward, chosen):
+    """Gemma 2 and 3 slide a 6-token window over prompts and answers longer than it."""
     loaded = request.getfixturevalue(model_name)
     reference = request.getfixturevalue(f"{model_name}_reference")
     engine = make_engine(loaded, forward=forward)
-    assert engine.primary.runner.forward_kind == ("hf" if model_name == "gemma" else forward)
+    assert engine.primary.runner.forward_kind == chosen
     collector = Collector()
     prompts = [encode(loaded.tokenizer, p) for p in PROMPTS]
     for i, prompt in enumerate(prompts):

@@ -1,6 +1,7 @@
-"""Our own Llama-family forward against the Hugging Face modules, in every dtype and on every
-attention path (SDPA for prefill, for one row and in fp32; grouped matmuls for batched bf16
-decode), and the choice between them."""
+"""Our own forward against the Hugging Face modules, for every family it serves, in every dtype
+and on every attention path (SDPA for prefill, for one row and in fp32; grouped matmuls for
+batched bf16 decode and for soft-capped logits; sliding windows), and the choice between
+them."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ import torch
 
 from steerserve.decoding.model.loader import from_pretrained_objects
 from steerserve.decoding.model.runner import ModelRunner
-from tests.tiny_models import tiny_gemma, tiny_llama, tiny_qwen2
+from tests.tiny_models import (
+    tiny_gemma,
+    tiny_gemma2,
+    tiny_gemma3,
+    tiny_llama,
+    tiny_phi3,
+    tiny_qwen2,
+)
 
 PROMPTS = [[1, 5, 9, 13, 4, 22, 40], [1, 7, 3], [1, 30, 31, 32, 33]]
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.15, torch.float16: 0.05}
@@ -21,7 +29,8 @@ def runners(model, tokenizer, dtype) -> tuple[ModelRunner, ModelRunner]:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2"])
+@pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2, tiny_gemma, tiny_gemma2, tiny_gemma3],
+                         ids=["llama", "qwen2", "gemma", "gemma2", "gemma3"])
 def test_fused_logits_equal_the_modules(tokenizer, dtype, build):
     fused, modules = runners(build(len(tokenizer)), tokenizer, dtype)
     assert fused.forward_kind == "fused" and modules.forward_kind == "hf"
@@ -44,9 +53,9 @@ def test_fused_logits_equal_the_modules(tokenizer, dtype, build):
             positions = [p + 1 for p in positions]
 
 def test_other_architectures_run_the_modules(tokenizer):
-    loaded = from_pretrained_objects(tiny_gemma(len(tokenizer)), tokenizer, "g")
+    loaded = from_pretrained_objects(tiny_phi3(len(tokenizer)), tokenizer, "p")
     assert ModelRunner(loaded, 2, None, "auto").forward_kind == "hf"
-    with pytest.raises(ValueError, match="not of the Llama family"):
+    with pytest.raises(ValueError, match="'phi3' has no own forward"):
         ModelRunner(loaded, 2, None, "fused")
 
 

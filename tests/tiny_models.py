@@ -1,15 +1,22 @@
 """Tiny real models for fast tests: a byte-level BPE tokenizer trained on a small corpus and
-random-weight Llama / Qwen2 decoders built from configs. Nothing is downloaded."""
+random-weight decoders (Llama, Qwen2, Gemma, Gemma 2 and 3 with short sliding windows and
+biting soft-caps, Phi-3 for the module path) built from configs. Nothing is downloaded."""
 
 from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GemmaConfig,
     GemmaForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -63,7 +70,41 @@ def tiny_qwen2(vocab_size: int, seed: int = 1) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(Qwen2Config(**_common(vocab_size))).eval()
 
 
+def _random_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Gemma initialises its (1 + weight) norms to zero weights: random ones make a forward
+    that forgets the offset, or a norm, fail."""
+    for name, parameter in model.named_parameters():
+        if "norm" in name:
+            parameter.data.normal_(0.0, 0.3)
+    return model.eval()
+
+
 def tiny_gemma(vocab_size: int, seed: int = 2) -> GemmaForCausalLM:
-    """Not of the Llama family (scaled embeddings, its own norm): the module path serves it."""
+    """Scaled embeddings, (1 + weight) norms, a GELU MLP."""
     torch.manual_seed(seed)
-    return GemmaForCausalLM(GemmaConfig(**_common(vocab_size), head_dim=16)).eval()
+    return _random_norms(GemmaForCausalLM(GemmaConfig(**_common(vocab_size), head_dim=16)))
+
+
+def tiny_gemma2(vocab_size: int, seed: int = 3) -> Gemma2ForCausalLM:
+    """Sandwich norms, a 6-position window on the first layer, soft-capped attention and
+    final logits (caps low enough to change the outputs), its own attention scale."""
+    torch.manual_seed(seed)
+    config = Gemma2Config(**_common(vocab_size), head_dim=16, sliding_window=6,
+                          attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+                          query_pre_attn_scalar=32)
+    return _random_norms(Gemma2ForCausalLM(config))
+
+
+def tiny_gemma3(vocab_size: int, seed: int = 4) -> Gemma3ForCausalLM:
+    """Query/key norms and two rotary tables (local for the sliding layer, global)."""
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(**_common(vocab_size), head_dim=16, sliding_window=6,
+                              layer_types=["sliding_attention", "full_attention"],
+                              query_pre_attn_scalar=32)
+    return _random_norms(Gemma3ForCausalLM(config))
+
+
+def tiny_phi3(vocab_size: int, seed: int = 5) -> Phi3ForCausalLM:
+    """An architecture without an own forward: the Hugging Face modules serve it."""
+    torch.manual_seed(seed)
+    return Phi3ForCausalLM(Phi3Config(**_common(vocab_size))).eval()

@@ -99,9 +99,10 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-stop", type=int, default=DEFAULTS.max_stop,
                        help="largest number of stop strings per request")
     group.add_argument("--forward", default=DEFAULTS.forward, choices=["auto", "fused", "hf"],
-                       help="the model's forward: 'fused' is steerserve's own for the Llama "
-                       "family (fused QKV and gate/up weights, SDPA over the slot cache), 'hf' "
-                       "the Hugging Face modules; auto = fused where the architecture allows")
+                       help="the model's forward: 'fused' is steerserve's own for Llama, Mistral, "
+                       "Qwen2/3 and Gemma 1/2/3 (fused QKV and gate/up weights, SDPA over the "
+                       "slot cache), 'hf' the Hugging Face modules (any other decoder, "
+                       "slower); auto = fused where the architecture allows")
     group.add_argument("--prefix-cache-slots", type=int, default=DEFAULTS.prefix_cache_slots,
                        help="KV-cache slots that keep recent prompts: a request whose prompt "
                        "starts like one of them (a system prompt, few-shot examples, earlier "

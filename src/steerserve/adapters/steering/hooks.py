@@ -12,6 +12,8 @@ and on to its attention function. Two hook points read it:
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -99,10 +101,12 @@ def install_steering_hooks(model: torch.nn.Module) -> None:
         layer.register_forward_hook(_steer_block, with_kwargs=True)
     decoder.layers[0].register_forward_pre_hook(_capture_embeddings, with_kwargs=True)
     current = model.config._attn_implementation
-    inner = ALL_ATTENTION_FUNCTIONS.get(current)
+    inner, name = ALL_ATTENTION_FUNCTIONS.get(current), f"steerserve_{current}"
+    if current == "eager":  # each architecture's own function (Gemma 2's soft-caps)
+        inner = getattr(inspect.getmodule(type(model)), "eager_attention_forward", None)
+        name = f"steerserve_eager_{model.config.model_type}"
     if inner is None:
         raise ValueError(f"steering needs a registered attention implementation, not '{current}'")
-    name = f"steerserve_{current}"
     AttentionInterface.register(name, _steered_attention(inner))
     model.set_attn_implementation(name)
     model._steerserve_hooks = True

@@ -55,7 +55,7 @@ class EngineConfig:
     max_loras: int = 0  # LoRA slots (adapters resident at once); 0 = LoRA off
     max_lora_rank: int = 16
     lora_triton: bool | None = None  # None: the process's choice (kernels.dispatch)
-    forward: str = "auto"  # "fused" (own Llama-family forward), "hf" (the modules), or auto
+    forward: str = "auto"  # "fused" (own forward), "hf" (the modules), or auto
     threads: int | None = None  # torch threads of the engine thread (None: torch's default)
     prefix_cache_slots: int = 0  # KV slots keeping recent prompts for reuse (0: off)
 

@@ -1,40 +1,36 @@
-"""An own forward for the Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM).
+"""Our own forward for the families in decoding/model/families.py (Llama, Mistral, Qwen2,
+Qwen3, Gemma, Gemma 2, Gemma 3).
 
 Fused QKV and gate/up weights (the original projections become views into them, so nothing
 is stored twice and the Hugging Face modules stay usable as the fallback), RMSNorm, RoPE
-(through the model's own rotary module, so every RoPE variant it supports holds) and SDPA
-straight over the slot cache, with the same hook points as the module path called directly:
-LoRA rows on every projection, head offsets at the output projection's input, residual
-steering and captures at each block's output. Every other architecture runs the Hugging Face
-modules (decoding/model/runner.py chooses, and says why).
+(through the model's own rotary module, so every RoPE variant it supports holds), sliding
+windows and attention-logit soft-capping, and SDPA or grouped matmuls straight over the slot
+cache, with every hook point called directly: LoRA rows on every projection, head offsets at
+the output projection's input, residual steering and captures at each block's output. Every
+other architecture runs the Hugging Face modules (decoding/model/runner.py chooses, and says
+why).
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.activations import ACT2FN
 
 from steerserve.adapters.lora.bank import LoraBank, LoraLinear
 from steerserve.adapters.steering.hooks import EMBEDDINGS, steer_block_output, steer_heads_output
 from steerserve.adapters.steering.plan import SteeringPlan
-
-FAMILY = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-
-
-def unsupported(model: torch.nn.Module) -> str | None:
-    """Why the fused forward cannot run this model (None: it can)."""
-    config = model.config
-    if config.model_type not in FAMILY:
-        return f"architecture '{config.model_type}' is not of the Llama family"
-    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
-        return "sliding-window layers"
-    decoder = getattr(model, model.base_model_prefix)
-    if not hasattr(decoder, "rotary_emb"):
-        return "no rotary embedding module"
-    return None
+from steerserve.decoding.model.families import (
+    FAMILIES,
+    offset_rms_norm,
+    rms_norm,
+    rotary_table,
+    sliding_mask,
+    sliding_window,
+)
 
 
 def _linear(module: torch.nn.Module) -> torch.nn.Linear:
@@ -59,12 +55,16 @@ def _fuse(modules: list[torch.nn.Module]) -> tuple[torch.Tensor, torch.Tensor | 
     return weight, bias
 
 
+def _weight(module: torch.nn.Module | None) -> torch.Tensor | None:
+    return module.weight if module is not None else None
+
+
 @dataclass
 class FusedLayer:
     index: int
     prefix: str  # the layer's module path, for LoRA keys
-    input_norm: torch.Tensor
-    post_norm: torch.Tensor
+    attention_norm: torch.Tensor
+    mlp_norm: torch.Tensor
     qkv: torch.Tensor  # (Q + 2 KV, C)
     qkv_bias: torch.Tensor | None
     o: torch.Tensor  # (C, Q)
@@ -73,29 +73,32 @@ class FusedLayer:
     gate_up_bias: torch.Tensor | None
     down: torch.Tensor  # (C, I)
     down_bias: torch.Tensor | None
-    q_norm: torch.Tensor | None = None  # Qwen3: RMSNorm over each head
+    act: Callable[[torch.Tensor], torch.Tensor]
+    scale: float
+    softcap: float | None = None  # Gemma 2: tanh soft-capping of the attention logits
+    window: int | None = None  # sliding-window layers: how many positions back they see
+    rotary: str | None = None  # which rotary table (Gemma 3: local and global)
+    q_norm: torch.Tensor | None = None  # Qwen3, Gemma 3: RMSNorm over each head
     k_norm: torch.Tensor | None = None
+    attention_out_norm: torch.Tensor | None = None  # Gemma 2/3's sandwich norms
+    mlp_out_norm: torch.Tensor | None = None
 
 
-def _layer(index: int, prefix: str, layer: torch.nn.Module) -> FusedLayer:
+def _layer(index: int, prefix: str, layer: torch.nn.Module, config,
+           sandwich: bool) -> FusedLayer:
     attention, mlp = layer.self_attn, layer.mlp
     qkv, qkv_bias = _fuse([attention.q_proj, attention.k_proj, attention.v_proj])
     gate_up, gate_up_bias = _fuse([mlp.gate_proj, mlp.up_proj])
     o, down = _linear(attention.o_proj), _linear(mlp.down_proj)
-    q_norm = getattr(attention, "q_norm", None)
-    k_norm = getattr(attention, "k_norm", None)
-    return FusedLayer(index, prefix, layer.input_layernorm.weight,
-                      layer.post_attention_layernorm.weight, qkv, qkv_bias, o.weight, o.bias,
-                      gate_up, gate_up_bias, down.weight, down.bias,
-                      q_norm.weight if q_norm is not None else None,
-                      k_norm.weight if k_norm is not None else None)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Hugging Face's LlamaRMSNorm, step for step (fp32 statistics, then the input dtype)."""
-    hidden = x.to(torch.float32)
-    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * hidden.to(x.dtype)
+    mlp_norm = layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm
+    return FusedLayer(
+        index, prefix, layer.input_layernorm.weight, mlp_norm.weight, qkv, qkv_bias, o.weight,
+        o.bias, gate_up, gate_up_bias, down.weight, down.bias, mlp.act_fn, attention.scaling,
+        getattr(attention, "attn_logit_softcapping", None), sliding_window(config, index),
+        rotary_table(config, index), _weight(getattr(attention, "q_norm", None)),
+        _weight(getattr(attention, "k_norm", None)),
+        layer.post_attention_layernorm.weight if sandwich else None,
+        layer.post_feedforward_layernorm.weight if sandwich else None)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -108,17 +111,18 @@ class FusedDecoder:
 
     def __init__(self, model: torch.nn.Module, lora_bank: LoraBank | None) -> None:
         config = model.config
+        family = FAMILIES[config.model_type]
         prefix = model.base_model_prefix
         decoder = getattr(model, prefix)
         self.embed, self.norm, self.rotary = decoder.embed_tokens, decoder.norm, decoder.rotary_emb
+        self._rotary_takes_table = "layer_type" in inspect.signature(self.rotary.forward).parameters
         self.lora_bank = lora_bank
         self.eps = config.rms_norm_eps
-        self.act = ACT2FN[config.hidden_act]
+        self.rms_norm = offset_rms_norm if family.offset_norms else rms_norm
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.scale = self.head_dim ** -0.5
-        self.layers = [_layer(i, f"{prefix}.layers.{i}", layer)
+        self.layers = [_layer(i, f"{prefix}.layers.{i}", layer, config, family.sandwich_norms)
                        for i, layer in enumerate(decoder.layers)]
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
@@ -126,15 +130,25 @@ class FusedDecoder:
         x = self.embed(input_ids)  # (B, T, C)
         if steering and steering.capture is not None:
             steering.capture.read(EMBEDDINGS, x)
-        cos, sin = self.rotary(x, position_ids)  # (B, T, D)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D)
+        rotations = {table: self._rotation(x, position_ids, table)
+                     for table in {layer.rotary for layer in self.layers}}
+        masks = {size: mask if size is None else sliding_mask(mask, position_ids, size)
+                 for size in {layer.window for layer in self.layers}}
         lora = self.lora_bank.active if self.lora_bank is not None else None
         for layer in self.layers:
-            x = x + self._attention(layer, x, cos, sin, mask, window, steering, lora)
+            x = x + self._attention(layer, x, rotations[layer.rotary], masks[layer.window],
+                                    window, steering, lora)
             x = x + self._mlp(layer, x, lora)
             if steering:
                 steer_block_output(steering, layer.index, x)
         return self.norm(x)
+
+    def _rotation(self, x: torch.Tensor, position_ids: torch.Tensor,
+                  table: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin, (B, 1, T, D), from the model's rotary module."""
+        extra = (table,) if self._rotary_takes_table else ()
+        cos, sin = self.rotary(x, position_ids, *extra)  # (B, T, D)
+        return cos.unsqueeze(1), sin.unsqueeze(1)
 
     def _lora(self, lora, key: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """Adds the rows' adapter deltas of projection `key` into y (a view of its output)."""
@@ -164,9 +178,9 @@ class FusedDecoder:
         self.lora_bank.apply_fused(keys, widths, x.reshape(-1, x.shape[-1]),
                                    y.view(-1, y.shape[-1]), lora)
 
-    def _attention(self, layer: FusedLayer, x, cos, sin, mask, window, steering, lora):
+    def _attention(self, layer: FusedLayer, x, rotation, mask, window, steering, lora):
         batch, length, _ = x.shape
-        h = rms_norm(x, layer.input_norm, self.eps)
+        h = self.rms_norm(x, layer.attention_norm, self.eps)
         qkv = F.linear(h, layer.qkv, layer.qkv_bias)  # (B, T, Q + 2 KV)
         q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
         q, k, v = qkv.split([q_width, kv_width, kv_width], dim=-1)
@@ -177,46 +191,57 @@ class FusedDecoder:
         q = q.view(batch, length, self.heads, self.head_dim)
         k = k.view(batch, length, self.kv_heads, self.head_dim)
         if layer.q_norm is not None:
-            q, k = rms_norm(q, layer.q_norm, self.eps), rms_norm(k, layer.k_norm, self.eps)
+            q = self.rms_norm(q, layer.q_norm, self.eps)
+            k = self.rms_norm(k, layer.k_norm, self.eps)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D)
         v = v.reshape(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rotation
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         if window is not None:
             k, v = window.update(k, v, layer.index)  # (B, KV, L, D) up to the batch's length
-        if length == 1 and batch > 1 and q.dtype != torch.float32:
-            out = self._decode_attention(q, k, v, mask)
+        if layer.softcap is not None or (length == 1 and batch > 1
+                                         and q.dtype != torch.float32):
+            out = self._grouped_attention(layer, q, k, v, mask)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=layer.scale,
                                                  enable_gqa=self.heads != self.kv_heads)
         out = out.transpose(1, 2).reshape(batch, length, q_width)  # (B, T, NH * D)
         if steering:
             steer_heads_output(steering, layer.index, out)
         o = F.linear(out, layer.o, layer.o_bias)
         self._lora(lora, f"{attention}.o_proj", out, o)
+        if layer.attention_out_norm is not None:
+            o = self.rms_norm(o, layer.attention_out_norm, self.eps)
         return o
 
-    def _decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          mask: torch.Tensor) -> torch.Tensor:
-        """One new position per row: the heads that share a KV head attend as one batched
-        matmul, with no repeated keys. Measured on CPU (docs/benchmarks.md): 2-3x faster than
-        SDPA's kernel for batches of single bf16 queries; SDPA wins for one row, and in fp32."""
-        batch, length = q.shape[0], k.shape[2]
-        group = self.heads // self.kv_heads
-        grouped = q.reshape(batch, self.kv_heads, group, self.head_dim)  # (B, KV, G, D)
-        scores = torch.matmul(grouped, k.transpose(-1, -2)).float() * self.scale  # (B,KV,G,L)
-        scores = scores.masked_fill(~mask.view(batch, 1, 1, length), float("-inf"))
-        weights = scores.softmax(dim=-1).to(v.dtype)
-        out = torch.matmul(weights, v)  # (B, KV, G, D)
-        return out.reshape(batch, self.heads, 1, self.head_dim)
+    def _grouped_attention(self, layer: FusedLayer, q: torch.Tensor, k: torch.Tensor,
+                           v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The heads that share a KV head attend as one batched matmul, with no repeated
+        keys, and logits soft-capped where the layer asks (SDPA cannot). Measured on CPU
+        (docs/benchmarks.md): 2-3x faster than SDPA's kernel for batches of single bf16
+        queries; SDPA wins for one row, and in fp32."""
+        batch, _, length, _ = q.shape
+        keys, group = k.shape[2], self.heads // self.kv_heads
+        grouped = q.reshape(batch, self.kv_heads, group * length, self.head_dim)
+        scores = torch.matmul(grouped, k.transpose(-1, -2)).float() * layer.scale
+        if layer.softcap is not None:
+            scores = torch.tanh(scores / layer.softcap) * layer.softcap
+        scores = scores.view(batch, self.kv_heads, group, length, keys)  # (B, KV, G, T, K)
+        scores = scores.masked_fill(~mask.view(batch, 1, 1, length, keys), float("-inf"))
+        weights = scores.softmax(dim=-1).to(v.dtype).view(batch, self.kv_heads, -1, keys)
+        out = torch.matmul(weights, v)  # (B, KV, G T, D)
+        return out.reshape(batch, self.heads, length, self.head_dim)
 
     def _mlp(self, layer: FusedLayer, x: torch.Tensor, lora) -> torch.Tensor:
-        h = rms_norm(x, layer.post_norm, self.eps)
+        h = self.rms_norm(x, layer.mlp_norm, self.eps)
         gate_up = F.linear(h, layer.gate_up, layer.gate_up_bias)  # (B, T, 2 I)
         gate, up = gate_up.chunk(2, dim=-1)
         mlp = f"{layer.prefix}.mlp"
         self._lora_fused(lora, (f"{mlp}.gate_proj", f"{mlp}.up_proj"), h, gate_up, (gate, up))
-        inner = self.act(gate) * up
+        inner = layer.act(gate) * up
         down = F.linear(inner, layer.down, layer.down_bias)
         self._lora(lora, f"{mlp}.down_proj", inner, down)
+        if layer.mlp_out_norm is not None:
+            down = self.rms_norm(down, layer.mlp_out_norm, self.eps)
         return down

@@ -111,10 +111,6 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
 
 def _context_limit(config, requested: int | None) -> int:
     limit = getattr(config, "max_position_embeddings", None) or 2048
-    # Our 4D mask is full causal: beyond a sliding window the model would attend too far.
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True):
-        limit = min(limit, int(window))
     return min(limit, requested) if requested else limit
 
 

@@ -15,7 +15,8 @@ import torch
 from steerserve.adapters.lora.bank import LoraBank
 from steerserve.adapters.steering.hooks import PLAN_KEYWORD
 from steerserve.adapters.steering.plan import Capture, SteeringPlan
-from steerserve.decoding.model.fused import FusedDecoder, unsupported
+from steerserve.decoding.model.families import sliding_mask, sliding_window, unsupported
+from steerserve.decoding.model.fused import FusedDecoder
 from steerserve.decoding.model.kv_cache import SlotKVCache, cache_shape_for
 from steerserve.decoding.model.loader import LoadedModel
 
@@ -61,12 +62,13 @@ def decode_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
 
 
 def choose_forward(model: torch.nn.Module, requested: str) -> str:
-    """'fused' (our own Llama-family forward) or 'hf' (the Hugging Face modules), logged."""
+    """'fused' (our own forward, decoding/model/families.py) or 'hf' (the Hugging Face
+    modules), logged."""
     reason = unsupported(model)
     if requested == "fused" and reason is not None:
         raise ValueError(f"--forward fused: {reason}")
     chosen = "hf" if requested == "hf" or reason is not None else "fused"
-    why = {"hf": reason or "asked for", "fused": "Llama family"}[chosen]
+    why = {"hf": f"{reason or 'asked for'}; the slower path", "fused": "own forward"}[chosen]
     logger.info("forward for %s: %s (%s)", model.config.model_type, chosen, why)
     return chosen
 
@@ -121,9 +123,29 @@ class ModelRunner:
             return self.fused(input_ids, position_ids, mask, window, steering)
         extra = {PLAN_KEYWORD: steering} if steering else {}  # unsteered batches: no plan
         extra[self._cache_keyword] = window
-        out = self.decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
+        out = self.decoder(input_ids=input_ids, position_ids=position_ids,
+                           attention_mask=self._module_masks(mask, position_ids),
                            use_cache=window is not None, **extra)
         return out.last_hidden_state  # (B, T, C)
+
+    def _module_masks(self, mask: torch.Tensor, position_ids: torch.Tensor):
+        """The mask as the Hugging Face modules take it: narrowed to the window where layers
+        slide (one per layer type where the config lists them, else one for every layer,
+        Mistral's way: a 4D mask is used as given, window or not), additive for eager
+        attention (which adds it to the logits)."""
+        config = self.model.config
+        types = getattr(config, "layer_types", None)
+        masks = {}
+        for layer in range(config.num_hidden_layers):
+            window = sliding_window(config, layer)
+            kind = types[layer] if types is not None else ""
+            masks[kind] = mask if window is None else sliding_mask(mask, position_ids, window)
+        if "eager" in config._attn_implementation:  # ours wraps it: steerserve_eager_...
+            lowest = torch.finfo(self.loaded.dtype).min
+            masks = {kind: torch.zeros(m.shape, dtype=self.loaded.dtype,
+                                       device=m.device).masked_fill(~m, lowest)
+                     for kind, m in masks.items()}
+        return masks if types is not None else masks[""]
 
     @torch.inference_mode()
     def decode(self, first_slot: int, tokens: list[int], positions: list[int],
