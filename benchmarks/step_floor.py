@@ -6,7 +6,7 @@
 For each dtype and batch size, interleaved round by round (medians): the floor (every
 projection of every layer as one matmul each, fused QKV and gate/up shapes, plus the LM
 head on one row per sequence), then a full decode step of the model runner with our own
-Llama-family forward and with the Hugging Face modules, at position 64 of a 512-slot cache.
+forward and with the Hugging Face modules, at position 64 of a 512-slot cache.
 serving_bench.py runs the same measurement next to the servers.
 """
 
@@ -39,7 +39,7 @@ def medians_ms(cases: dict[str, Callable[[], object]], rounds: int) -> dict[str,
 
 def floor_case(runner: ModelRunner, batch: int) -> Callable[[], None]:
     """The step's matmuls alone, on the fused weights."""
-    layers, dtype = runner.fused.layers, runner.loaded.dtype
+    layers, dtype = runner.forward.layers, runner.loaded.dtype
     x = torch.randn(batch, layers[0].qkv.shape[1], dtype=dtype)
     inner = torch.randn(batch, layers[0].down.shape[1], dtype=dtype)
     head = runner.lm_head.weight

@@ -143,7 +143,7 @@ def main() -> None:
     loaded = load_model("SmolLM2-135M-Instruct", dtype="float32", max_model_len=512)
     with torch.inference_mode():
         engine = engine_costs(loaded, args.repeats)
-        runner = ModelRunner(loaded, 32)  # the engine installed the steering hooks
+        runner = ModelRunner(loaded, 32)
         steering = steering_costs(runner, loaded.model.config.hidden_size, args.repeats)
         temperature = temperature_costs(runner, args.repeats)
     forward = engine["bare decode forward"]

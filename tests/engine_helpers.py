@@ -60,7 +60,7 @@ def generate_alone(engine: Engine, prompt: list[int], params: SamplingParams) ->
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     """Greedy tokens from HF `generate` on a model the engine never touched."""
-    if getattr(model, "_steerserve_hooks", False):
+    if getattr(model, "_steerserve_taken", False):
         raise AssertionError("the oracle must be an untouched copy, not the engine's model")
     ids = torch.tensor([prompt])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,

@@ -62,6 +62,6 @@ def test_other_architectures_run_the_modules(tokenizer):
 def test_fusing_shares_the_weights(tokenizer):
     model = tiny_llama(len(tokenizer))
     runner = ModelRunner(from_pretrained_objects(model, tokenizer, "m"), 2, None, "fused")
-    layer, attention = runner.fused.layers[0], model.model.layers[0].self_attn
+    layer, attention = runner.forward.layers[0], model.model.layers[0].self_attn
     assert attention.q_proj.weight.data_ptr() == layer.qkv.data_ptr()  # a view, not a copy
     assert attention.k_proj.weight.data_ptr() == layer.qkv[64:].data_ptr()

@@ -1,10 +1,11 @@
 """Resident LoRA adapters for one base model: stacked slot weights and per-forward routing.
 
-Every eligible nn.Linear of the decoder is wrapped once at load time (`LoraLinear`). Adapter
-weights live in numbered slots, per module: A (S, R, in), B (S, out, R), zero-padded to the
+Every projection inside the decoder blocks is a target, keyed by its module path. Adapter
+weights live in numbered slots, per target: A (S, R, in), B (S, out, R), zero-padded to the
 maximum rank R, with a per-slot scaling. Before a forward the runner activates a `LoraBatch`
-saying which slot each row uses (-1: none); the wrappers add
-`scale[s] * B[s] (A[s] x)` for their rows. No base weight is ever modified.
+saying which slot each row uses (-1: none); the forward (ours in decoding/model/fused.py, or
+the wrapped modules of decoding/model/hf_modules.py) adds `scale[s] * B[s] (A[s] x)` for
+each row at each projection. No base weight is ever modified.
 """
 
 from __future__ import annotations
@@ -37,23 +38,6 @@ class LoraBatch:
     decode: bool
 
 
-class LoraLinear(nn.Module):
-    """An nn.Linear plus the bank's LoRA slots for it."""
-
-    def __init__(self, base: nn.Linear, bank: LoraBank, key: str) -> None:
-        super().__init__()
-        self.base = base
-        self.bank = bank
-        self.key = key
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        batch = self.bank.active
-        if batch is not None and self.key in self.bank.lora_a:
-            self.bank.apply(self.key, x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1]), batch)
-        return y
-
-
 class LoraBank:
     def __init__(self, model: nn.Module, num_slots: int, max_rank: int,
                  use_triton: bool | None = None) -> None:
@@ -70,7 +54,6 @@ class LoraBank:
         if use_triton is None:  # the process's one choice for this device (kernels.dispatch)
             use_triton = kernels_use_triton(self.device)
         self.use_triton = use_triton
-        _install(model, self)
 
     # ---- slot weights --------------------------------------------------------------------
     def write_slot(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -190,12 +173,3 @@ def _eligible_linears(model: nn.Module) -> dict[str, nn.Linear]:
     prefix = model.base_model_prefix
     return {f"{prefix}.{name}": module for name, module in decoder.named_modules()
             if isinstance(module, nn.Linear) and name.startswith("layers.")}
-
-
-def _install(model: nn.Module, bank: LoraBank) -> None:
-    if any(isinstance(m, LoraLinear) for m in model.modules()):
-        raise ValueError("this model already has a LoRA bank installed")
-    for key, linear in bank.linears.items():
-        parent_name, _, child = key.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoraLinear(linear, bank, key))

@@ -77,7 +77,7 @@ class Capture:
 
 @dataclass
 class SteeringPlan:
-    """Passed to the decoder forward as a keyword argument; read by the hooks."""
+    """One forward's steering, read at the hook points (adapters/steering/edits.py)."""
 
     residual: dict[int, list[ResidualCall]] = field(default_factory=dict)
     heads: dict[int, list[HeadCall]] = field(default_factory=dict)

@@ -20,7 +20,6 @@ import torch
 
 from steerserve.adapters.lora.bank import LoraBank
 from steerserve.adapters.lora.slots import LoraSlots
-from steerserve.adapters.steering.hooks import install_steering_hooks
 from steerserve.adapters.steering.plan import Capture
 from steerserve.decoding.engine.admission import Admission
 from steerserve.decoding.engine.chunking import prefill_chunk
@@ -97,7 +96,6 @@ class Engine:
             bank = LoraBank(loaded.model, self.config.max_loras, self.config.max_lora_rank,
                             self.config.lora_triton)
             slots = LoraSlots(bank)
-        install_steering_hooks(loaded.model)
         runner = ModelRunner(loaded, self.config.max_num_seqs, bank, self.config.forward,
                              self.config.prefix_cache_slots)
         return HostedModel(loaded, runner, slots)

@@ -2,7 +2,7 @@
 Qwen3, Gemma, Gemma 2, Gemma 3).
 
 Fused QKV and gate/up weights (the original projections become views into them, so nothing
-is stored twice and the Hugging Face modules stay usable as the fallback), RMSNorm, RoPE
+is stored twice and the Hugging Face modules stay usable: hf_modules.fuse_in_place), RMSNorm, RoPE
 (through the model's own rotary module, so every RoPE variant it supports holds), sliding
 windows and attention-logit soft-capping, and SDPA or grouped matmuls straight over the slot
 cache, with every hook point called directly: LoRA rows on every projection, head offsets at
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from steerserve.adapters.lora.bank import LoraBank, LoraLinear
-from steerserve.adapters.steering.hooks import EMBEDDINGS, steer_block_output, steer_heads_output
-from steerserve.adapters.steering.plan import SteeringPlan
+from steerserve.adapters.lora.bank import LoraBank
+from steerserve.adapters.steering.edits import steer_block_output, steer_heads_output
+from steerserve.adapters.steering.plan import EMBEDDINGS, SteeringPlan
 from steerserve.decoding.model.families import (
     FAMILIES,
     offset_rms_norm,
@@ -31,28 +31,7 @@ from steerserve.decoding.model.families import (
     sliding_mask,
     sliding_window,
 )
-
-
-def _linear(module: torch.nn.Module) -> torch.nn.Linear:
-    return module.base if isinstance(module, LoraLinear) else module
-
-
-def _fuse(modules: list[torch.nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One weight (and bias) for several projections of the same input; the projections'
-    own parameters become row views into it."""
-    linears = [_linear(m) for m in modules]
-    weight = torch.cat([linear.weight.data for linear in linears])
-    bias = None
-    if linears[0].bias is not None:
-        bias = torch.cat([linear.bias.data for linear in linears])
-    start = 0
-    for linear in linears:
-        rows = linear.weight.shape[0]
-        linear.weight.data = weight[start:start + rows]
-        if bias is not None:
-            linear.bias.data = bias[start:start + rows]
-        start += rows
-    return weight, bias
+from steerserve.decoding.model.hf_modules import base_linear, fuse_in_place
 
 
 def _weight(module: torch.nn.Module | None) -> torch.Tensor | None:
@@ -87,9 +66,9 @@ class FusedLayer:
 def _layer(index: int, prefix: str, layer: torch.nn.Module, config,
            sandwich: bool) -> FusedLayer:
     attention, mlp = layer.self_attn, layer.mlp
-    qkv, qkv_bias = _fuse([attention.q_proj, attention.k_proj, attention.v_proj])
-    gate_up, gate_up_bias = _fuse([mlp.gate_proj, mlp.up_proj])
-    o, down = _linear(attention.o_proj), _linear(mlp.down_proj)
+    qkv, qkv_bias = fuse_in_place([attention.q_proj, attention.k_proj, attention.v_proj])
+    gate_up, gate_up_bias = fuse_in_place([mlp.gate_proj, mlp.up_proj])
+    o, down = base_linear(attention.o_proj), base_linear(mlp.down_proj)
     mlp_norm = layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm
     return FusedLayer(
         index, prefix, layer.input_layernorm.weight, mlp_norm.weight, qkv, qkv_bias, o.weight,

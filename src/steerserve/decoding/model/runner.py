@@ -6,17 +6,16 @@ positions and a 4D boolean mask) and apply the LM head only where logits are nee
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass
 
 import torch
 
 from steerserve.adapters.lora.bank import LoraBank
-from steerserve.adapters.steering.hooks import PLAN_KEYWORD
 from steerserve.adapters.steering.plan import Capture, SteeringPlan
-from steerserve.decoding.model.families import sliding_mask, sliding_window, unsupported
+from steerserve.decoding.model.families import unsupported
 from steerserve.decoding.model.fused import FusedDecoder
+from steerserve.decoding.model.hf_modules import ModuleDecoder
 from steerserve.decoding.model.kv_cache import SlotKVCache, cache_shape_for
 from steerserve.decoding.model.loader import LoadedModel
 
@@ -88,12 +87,10 @@ class ModelRunner:
         shape = cache_shape_for(self.model.config, num_slots + extra_slots, loaded.max_model_len)
         self.cache = SlotKVCache(shape, loaded.dtype, loaded.device)
         self.lora_bank = lora_bank
-        # transformers renamed the decoders' `past_key_values` to `cache` (5.2x): either works
-        parameters = inspect.signature(self.decoder.forward).parameters
-        self._cache_keyword = "cache" if "cache" in parameters else "past_key_values"
         self.forward_kind = choose_forward(self.model, forward)
-        self.fused = FusedDecoder(self.model, lora_bank) if self.forward_kind == "fused" \
-            else None
+        decoders = {"fused": FusedDecoder, "hf": ModuleDecoder}
+        self.forward = decoders[self.forward_kind](self.model, lora_bank)
+        self.model._steerserve_taken = True  # tests refuse it as an untouched oracle
 
     @property
     def vocab_size(self) -> int:
@@ -113,39 +110,9 @@ class ModelRunner:
     def _run(self, input_ids, position_ids, mask, window, lora_slots,
              steering: SteeringPlan | None) -> torch.Tensor:
         if self.lora_bank is None or lora_slots is None:
-            return self._forward(input_ids, position_ids, mask, window, steering)
+            return self.forward(input_ids, position_ids, mask, window, steering)
         with self.lora_bank.activate(lora_slots, input_ids.shape[1]):
-            return self._forward(input_ids, position_ids, mask, window, steering)
-
-    def _forward(self, input_ids, position_ids, mask, window,
-                 steering: SteeringPlan | None) -> torch.Tensor:
-        if self.fused is not None:
-            return self.fused(input_ids, position_ids, mask, window, steering)
-        extra = {PLAN_KEYWORD: steering} if steering else {}  # unsteered batches: no plan
-        extra[self._cache_keyword] = window
-        out = self.decoder(input_ids=input_ids, position_ids=position_ids,
-                           attention_mask=self._module_masks(mask, position_ids),
-                           use_cache=window is not None, **extra)
-        return out.last_hidden_state  # (B, T, C)
-
-    def _module_masks(self, mask: torch.Tensor, position_ids: torch.Tensor):
-        """The mask as the Hugging Face modules take it: narrowed to the window where layers
-        slide (one per layer type where the config lists them, else one for every layer,
-        Mistral's way: a 4D mask is used as given, window or not), additive for eager
-        attention (which adds it to the logits)."""
-        config = self.model.config
-        types = getattr(config, "layer_types", None)
-        masks = {}
-        for layer in range(config.num_hidden_layers):
-            window = sliding_window(config, layer)
-            kind = types[layer] if types is not None else ""
-            masks[kind] = mask if window is None else sliding_mask(mask, position_ids, window)
-        if "eager" in config._attn_implementation:  # ours wraps it: steerserve_eager_...
-            lowest = torch.finfo(self.loaded.dtype).min
-            masks = {kind: torch.zeros(m.shape, dtype=self.loaded.dtype,
-                                       device=m.device).masked_fill(~m, lowest)
-                     for kind, m in masks.items()}
-        return masks if types is not None else masks[""]
+            return self.forward(input_ids, position_ids, mask, window, steering)
 
     @torch.inference_mode()
     def decode(self, first_slot: int, tokens: list[int], positions: list[int],
@@ -191,7 +158,7 @@ class ModelRunner:
     def capture(self, prompts: list[list[int]], capture: Capture) -> None:
         """Forward prompts without the cache, filling `capture.found` (vector extraction)."""
         ids, _, positions, mask = self._padded(prompts)
-        self._forward(ids, positions, mask, None, SteeringPlan(capture=capture))
+        self.forward(ids, positions, mask, None, SteeringPlan(capture=capture))
 
     def _padded(self, prompts: list[list[int]]):
         """Right-padded ids (B, T), lengths (B,), positions (B, T) and the 4D mask."""
