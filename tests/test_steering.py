@@ -9,7 +9,7 @@ import pytest
 import torch
 from repeng import ControlModel, ControlVector
 
-from steerserve.adapters.steering.plan import Capture, prefill_plan
+from steerserve.adapters.steering.plan import prefill_plan
 from steerserve.adapters.steering.spec import (
     ApplyTo,
     SteerEdit,
@@ -17,6 +17,7 @@ from steerserve.adapters.steering.spec import (
     SteerMode,
     SteerTarget,
 )
+from steerserve.decoding.model.capture import Capture
 from steerserve.decoding.model.loader import from_pretrained_objects
 from steerserve.decoding.sampling.params import SamplingParams
 from tests.engine_helpers import Collector, hf_greedy, run_to_completion

@@ -52,40 +52,16 @@ class FeatureCall:
     position_mask: torch.Tensor | None  # (R, S) bool
 
 
-EMBEDDINGS = -1  # the capture index of the embedding output (the input of block 0)
-
-
-@dataclass
-class Capture:
-    """Record block outputs (or heads' outputs): vector extraction, DoLa's early exits."""
-
-    layers: frozenset[int]
-    target: SteerTarget
-    positions: torch.Tensor | None  # (N,) one position per captured row; None = all
-    rows: torch.Tensor | None = None  # (N,) batch rows to capture; None = every row
-    found: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (N, W) / (N, S, W)
-
-    def read(self, layer: int, hidden: torch.Tensor) -> None:
-        """hidden (B, S, W): keep this layer's requested rows and positions, in fp32."""
-        if layer not in self.layers:
-            return
-        rows = self.rows if self.rows is not None else torch.arange(hidden.shape[0],
-                                                                   device=hidden.device)
-        picked = hidden[rows] if self.positions is None else hidden[rows, self.positions]
-        self.found[layer] = picked.float().clone()
-
-
 @dataclass
 class SteeringPlan:
     """One forward's steering, read at the hook points (adapters/steering/edits.py)."""
 
     residual: dict[int, list[ResidualCall]] = field(default_factory=dict)
     heads: dict[int, list[HeadCall]] = field(default_factory=dict)
-    capture: Capture | None = None
     features: dict[int, list[FeatureCall]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.residual or self.heads or self.capture or self.features)
+        return bool(self.residual or self.heads or self.features)
 
 
 RowEdits = list[list[SteerEdit]]  # per row, the edits of one launch group

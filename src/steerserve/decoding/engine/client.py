@@ -19,10 +19,10 @@ import torch
 
 from steerserve.adapters.lora.files import LoraAdapter, load_lora_adapter
 from steerserve.adapters.registry import AdapterRegistry
-from steerserve.adapters.steering.plan import Capture
 from steerserve.adapters.steering.spec import SteerTarget
 from steerserve.decoding.engine.core import Engine, EngineConfig
 from steerserve.decoding.engine.output import EngineStats
+from steerserve.decoding.model.capture import Capture
 from steerserve.decoding.model.info import ModelInfo
 from steerserve.decoding.model.loader import LoadedModel
 from steerserve.decoding.request import EngineRequest, RequestOutput

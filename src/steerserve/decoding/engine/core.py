@@ -20,7 +20,6 @@ import torch
 
 from steerserve.adapters.lora.bank import LoraBank
 from steerserve.adapters.lora.slots import LoraSlots
-from steerserve.adapters.steering.plan import Capture
 from steerserve.decoding.engine.admission import Admission
 from steerserve.decoding.engine.chunking import prefill_chunk
 from steerserve.decoding.engine.compute import StepComputer
@@ -30,6 +29,7 @@ from steerserve.decoding.engine.output import EngineStats, Output, rows_of
 from steerserve.decoding.engine.plan import StepPlan
 from steerserve.decoding.engine.scheduler import Scheduler
 from steerserve.decoding.engine.state import Sequence
+from steerserve.decoding.model.capture import Capture
 from steerserve.decoding.model.hosted import HostedModel
 from steerserve.decoding.model.info import ModelInfo
 from steerserve.decoding.model.loader import LoadedModel

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from steerserve.adapters.steering.plan import Capture, SteeringPlan, prefill_plan
+from steerserve.adapters.steering.plan import prefill_plan
 from steerserve.adapters.steering.spec import SteerTarget
+from steerserve.decoding.model.capture import Capture
 from steerserve.decoding.model.hosted import HostedModel
 from steerserve.decoding.model.slot_table import Lane
 
@@ -50,14 +51,6 @@ def slot_runs(lanes: list[Lane]) -> list[list[Lane]]:
     return runs
 
 
-def _with_capture(plan: SteeringPlan | None, capture: Capture | None) -> SteeringPlan | None:
-    if capture is None:
-        return plan
-    if plan is None:
-        return SteeringPlan(capture=capture)
-    return SteeringPlan(plan.residual, plan.heads, capture, plan.features)
-
-
 def _early_exit_capture(lanes: list[Lane], positions: list[int | None],
                         device: torch.device) -> Capture | None:
     """Lanes that keep block outputs: at the sampled position, or at every position (None)
@@ -86,10 +79,10 @@ def decode(hosted: HostedModel, lanes: list[Lane], tokens: list[int]) -> Results
     """Lanes in consecutive slots, each feeding its token."""
     device = hosted.loaded.device
     capture = _early_exit_capture(lanes, [0] * len(lanes), device)
-    plan = _with_capture(hosted.steering_for_decode(lanes), capture)
     out = hosted.runner.decode(lanes[0].slot, tokens,
                                [lane.cached_length for lane in lanes],
-                               [lane.lora_slot for lane in lanes], plan)
+                               [lane.lora_slot for lane in lanes],
+                               hosted.steering_for_decode(lanes), capture)
     early = _early(lanes, capture)
     return {lane: LaneResult(out.logits[row], out.hidden[row], None, early[row])
             for row, lane in enumerate(lanes)}
@@ -107,9 +100,8 @@ def prefill(hosted: HostedModel, lanes: list[Lane]) -> Results:
     capture = _early_exit_capture(lanes, [None if whole else n - 1 for n in lengths], device)
     out = hosted.runner.prefill(lanes[0].slot, prompts,
                                 [lane.wants_prompt_logits for lane in lanes],
-                                [lane.lora_slot for lane in lanes],
-                                _with_capture(steering, capture),
-                                [lane.reused for lane in lanes])
+                                [lane.lora_slot for lane in lanes], steering, capture,
+                                starts=[lane.reused for lane in lanes])
     width = max(lengths)
     for lane in lanes:  # padding included: all of it is zeroed when the lane leaves
         lane.written = max(lane.written, lane.reused + width)
@@ -132,7 +124,7 @@ def prefill_part(hosted: HostedModel, lanes: list[Lane], ends: list[int]) -> Non
                             hosted.loaded.device, ends_prompt=False)
     hosted.runner.prefill(lanes[0].slot, prompts, [False] * len(lanes),
                           [lane.lora_slot for lane in lanes], steering,
-                          [lane.reused for lane in lanes])
+                          starts=[lane.reused for lane in lanes])
     width = max(lengths)
     for lane, end in zip(lanes, ends, strict=True):
         lane.written = max(lane.written, lane.reused + width)

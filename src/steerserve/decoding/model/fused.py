@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from steerserve.adapters.lora.bank import LoraBank
-from steerserve.adapters.steering.edits import steer_block_output, steer_heads_output
-from steerserve.adapters.steering.plan import EMBEDDINGS, SteeringPlan
+from steerserve.adapters.steering.plan import SteeringPlan
+from steerserve.decoding.model import hook_points
+from steerserve.decoding.model.capture import Capture
 from steerserve.decoding.model.families import (
     FAMILIES,
     offset_rms_norm,
@@ -105,10 +106,10 @@ class FusedDecoder:
                        for i, layer in enumerate(decoder.layers)]
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
-                 window, steering: SteeringPlan | None) -> torch.Tensor:
+                 window, steering: SteeringPlan | None,
+                 capture: Capture | None = None) -> torch.Tensor:
         x = self.embed(input_ids)  # (B, T, C)
-        if steering and steering.capture is not None:
-            steering.capture.read(EMBEDDINGS, x)
+        hook_points.embeddings(capture, x)
         rotations = {table: self._rotation(x, position_ids, table)
                      for table in {layer.rotary for layer in self.layers}}
         masks = {size: mask if size is None else sliding_mask(mask, position_ids, size)
@@ -116,10 +117,9 @@ class FusedDecoder:
         lora = self.lora_bank.active if self.lora_bank is not None else None
         for layer in self.layers:
             x = x + self._attention(layer, x, rotations[layer.rotary], masks[layer.window],
-                                    window, steering, lora)
+                                    window, steering, capture, lora)
             x = x + self._mlp(layer, x, lora)
-            if steering:
-                steer_block_output(steering, layer.index, x)
+            hook_points.block_output(steering, capture, layer.index, x)
         return self.norm(x)
 
     def _rotation(self, x: torch.Tensor, position_ids: torch.Tensor,
@@ -157,7 +157,8 @@ class FusedDecoder:
         self.lora_bank.apply_fused(keys, widths, x.reshape(-1, x.shape[-1]),
                                    y.view(-1, y.shape[-1]), lora)
 
-    def _attention(self, layer: FusedLayer, x, rotation, mask, window, steering, lora):
+    def _attention(self, layer: FusedLayer, x, rotation, mask, window, steering, capture,
+                   lora):
         batch, length, _ = x.shape
         h = self.rms_norm(x, layer.attention_norm, self.eps)
         qkv = F.linear(h, layer.qkv, layer.qkv_bias)  # (B, T, Q + 2 KV)
@@ -186,8 +187,7 @@ class FusedDecoder:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=layer.scale,
                                                  enable_gqa=self.heads != self.kv_heads)
         out = out.transpose(1, 2).reshape(batch, length, q_width)  # (B, T, NH * D)
-        if steering:
-            steer_heads_output(steering, layer.index, out)
+        hook_points.heads_output(steering, capture, layer.index, out)
         o = F.linear(out, layer.o, layer.o_bias)
         self._lora(lora, f"{attention}.o_proj", out, o)
         if layer.attention_out_norm is not None:

@@ -4,12 +4,12 @@ Any decoder without an own forward (decoding/model/families.py) runs here, the s
 with the hook points of decoding/model/fused.py mapped onto transformers' modules; and the
 mechanics that takes live here and nowhere else:
 
-* the step's SteeringPlan travels as the `steering` keyword of the decoder forward, which
-  transformers hands to every decoder layer and on to its attention function;
-* a forward hook on each block edits the block's output (residual steering, SAE features,
-  captures), and a pre-hook on the first block captures the embedding output (DoLa's layer 0);
-* an attention function registered with transformers wraps the model's own one and edits the
-  heads' outputs before the output projection (ITI / LoFiT offsets);
+* the step's SteeringPlan and Capture travel as the `steering` and `capture` keywords of the
+  decoder forward, which transformers hands to every decoder layer and on to its attention
+  function;
+* a forward hook on each block calls the block-output hook point, a pre-hook on the first
+  block the embedding one, and an attention function registered with transformers wraps the
+  model's own one and calls the heads-output one (decoding/model/hook_points.py);
 * every projection inside the blocks is swapped for a `LoraLinear` that adds its rows' adapter
   deltas;
 * our own forward fuses projections into one weight, and the modules' weights become views into
@@ -26,12 +26,12 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from steerserve.adapters.lora.bank import LoraBank
-from steerserve.adapters.steering.edits import steer_block_output, steer_heads_output
-from steerserve.adapters.steering.plan import EMBEDDINGS, SteeringPlan
-from steerserve.adapters.steering.spec import SteerTarget
+from steerserve.adapters.steering.plan import SteeringPlan
+from steerserve.decoding.model import hook_points
+from steerserve.decoding.model.capture import Capture
 from steerserve.decoding.model.families import sliding_mask, sliding_window
 
-PLAN_KEYWORD = "steering"
+PLAN_KEYWORD, CAPTURE_KEYWORD = "steering", "capture"
 
 
 class ModuleDecoder:
@@ -49,8 +49,11 @@ class ModuleDecoder:
         self._cache_keyword = "cache" if "cache" in parameters else "past_key_values"
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
-                 window, steering: SteeringPlan | None) -> torch.Tensor:
+                 window, steering: SteeringPlan | None,
+                 capture: Capture | None = None) -> torch.Tensor:
         extra = {PLAN_KEYWORD: steering} if steering else {}  # unsteered batches: no plan
+        if capture is not None:
+            extra[CAPTURE_KEYWORD] = capture
         extra[self._cache_keyword] = window
         out = self.decoder(input_ids=input_ids, position_ids=position_ids,
                            attention_mask=self._masks(mask, position_ids),
@@ -99,28 +102,29 @@ def _install_steering_hooks(model: nn.Module) -> None:
 
 
 def _steer_block(module: nn.Module, args, kwargs, output):
-    plan: SteeringPlan | None = kwargs.get(PLAN_KEYWORD)
-    if plan:
+    steering, capture = kwargs.get(PLAN_KEYWORD), kwargs.get(CAPTURE_KEYWORD)
+    if steering or capture is not None:
         hidden = output[0] if isinstance(output, tuple) else output  # (B, T, C)
-        steer_block_output(plan, module.steer_layer_index, hidden)
+        hook_points.block_output(steering, capture, module.steer_layer_index, hidden)
     return None  # edited in place
 
 
 def _capture_embeddings(module: nn.Module, args, kwargs):
-    plan: SteeringPlan | None = kwargs.get(PLAN_KEYWORD)
-    if plan and plan.capture is not None and plan.capture.target == SteerTarget.RESIDUAL:
-        hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, C)
-        plan.capture.read(EMBEDDINGS, hidden)
+    capture = kwargs.get(CAPTURE_KEYWORD)
+    if capture is not None:
+        hook_points.embeddings(capture, args[0] if args else kwargs["hidden_states"])
 
 
 def _steered_attention(inner):
-    """Wrap an attention function: heads' outputs (B, T, NH, D) get the plan's offsets."""
+    """Wrap an attention function: the heads' outputs (B, T, NH, D) reach their hook point."""
 
     def attention(module, query, key, value, attention_mask, **kwargs):
-        plan: SteeringPlan | None = kwargs.pop(PLAN_KEYWORD, None)
+        steering = kwargs.pop(PLAN_KEYWORD, None)
+        capture = kwargs.pop(CAPTURE_KEYWORD, None)
         out, weights = inner(module, query, key, value, attention_mask, **kwargs)
-        if plan:
-            steer_heads_output(plan, module.layer_idx, out.view(out.shape[0], out.shape[1], -1))
+        if steering or capture is not None:
+            flat = out.view(out.shape[0], out.shape[1], -1)
+            hook_points.heads_output(steering, capture, module.layer_idx, flat)
         return out, weights
 
     return attention

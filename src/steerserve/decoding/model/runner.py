@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from steerserve.adapters.lora.bank import LoraBank
-from steerserve.adapters.steering.plan import Capture, SteeringPlan
+from steerserve.adapters.steering.plan import SteeringPlan
+from steerserve.decoding.model.capture import Capture
 from steerserve.decoding.model.families import unsupported
 from steerserve.decoding.model.fused import FusedDecoder
 from steerserve.decoding.model.hf_modules import ModuleDecoder
@@ -108,28 +109,30 @@ class ModelRunner:
         return self.logits(self.decoder.norm(hidden.to(self.lm_head.weight.dtype)))
 
     def _run(self, input_ids, position_ids, mask, window, lora_slots,
-             steering: SteeringPlan | None) -> torch.Tensor:
+             steering: SteeringPlan | None, capture: Capture | None) -> torch.Tensor:
         if self.lora_bank is None or lora_slots is None:
-            return self.forward(input_ids, position_ids, mask, window, steering)
+            return self.forward(input_ids, position_ids, mask, window, steering, capture)
         with self.lora_bank.activate(lora_slots, input_ids.shape[1]):
-            return self.forward(input_ids, position_ids, mask, window, steering)
+            return self.forward(input_ids, position_ids, mask, window, steering, capture)
 
     @torch.inference_mode()
     def decode(self, first_slot: int, tokens: list[int], positions: list[int],
                lora_slots: list[int] | None = None,
-               steering: SteeringPlan | None = None) -> DecodeResult:
+               steering: SteeringPlan | None = None,
+               capture: Capture | None = None) -> DecodeResult:
         """One new token per row at its own position."""
         ids = torch.tensor(tokens, device=self.device).unsqueeze(1)  # (B, 1)
         pos = torch.tensor(positions, device=self.device)  # (B,)
         kv_len = int(max(positions)) + 1
         window = self.cache.for_decode(first_slot, pos, kv_len)
         hidden = self._run(ids, pos.unsqueeze(1), decode_mask(pos, kv_len), window, lora_slots,
-                           steering)
+                           steering, capture)
         return DecodeResult(self.logits(hidden[:, 0]), hidden[:, 0])
 
     @torch.inference_mode()
     def prefill(self, first_slot: int, prompts: list[list[int]], want_prompt_logits: list[bool],
                 lora_slots: list[int] | None = None, steering: SteeringPlan | None = None,
+                capture: Capture | None = None,
                 starts: list[int] | None = None) -> PrefillResult:
         """Right-padded prompts in consecutive slots, from position 0, or each from its
         starts[b]: the tokens after a prefix whose keys and values are already in the slot."""
@@ -144,7 +147,8 @@ class ModelRunner:
             grid = positions.clamp(max=self.cache.shape.max_len - 1)
             window = self.cache.for_rows_at(first_slot, grid, kv_len)
             mask = offset_prefill_mask(offset, lengths, ids.shape[1], kv_len)
-        hidden = self._run(ids, positions, mask, window, lora_slots, steering)  # (B, T, C)
+        hidden = self._run(ids, positions, mask, window, lora_slots, steering,
+                           capture)  # (B, T, C)
         rows = torch.arange(len(prompts), device=self.device)
         last_hidden = hidden[rows, lengths - 1]
         last = self.logits(last_hidden)
@@ -158,7 +162,7 @@ class ModelRunner:
     def capture(self, prompts: list[list[int]], capture: Capture) -> None:
         """Forward prompts without the cache, filling `capture.found` (vector extraction)."""
         ids, _, positions, mask = self._padded(prompts)
-        self.forward(ids, positions, mask, None, SteeringPlan(capture=capture))
+        self.forward(ids, positions, mask, None, None, capture)
 
     def _padded(self, prompts: list[list[int]]):
         """Right-padded ids (B, T), lengths (B,), positions (B, T) and the 4D mask."""
