@@ -202,6 +202,9 @@ class FusedDecoder:
         queries; SDPA wins for one row, and in fp32."""
         batch, _, length, _ = q.shape
         keys, group = k.shape[2], self.heads // self.kv_heads
+        # The slot cache's window is strided (rows of max_len positions): bf16 bmm on such
+        # views takes a path 5-10x slower than copying them first (benchmarks/step_profile.py)
+        k, v = k.contiguous(), v.contiguous()
         grouped = q.reshape(batch, self.kv_heads, group * length, self.head_dim)
         scores = torch.matmul(grouped, k.transpose(-1, -2)).float() * layer.scale
         if layer.softcap is not None:
