@@ -4,9 +4,11 @@
     .venv/bin/python benchmarks/step_floor.py [--dtypes float32,bfloat16] [--batches 1,32]
 
 For each dtype and batch size, interleaved round by round (medians): the floor (every
-projection of every layer as one matmul each, fused QKV and gate/up shapes, plus the LM
-head on one row per sequence), then a full decode step of the model runner with our own
-forward and with the Hugging Face modules, at position 64 of a 512-slot cache.
+projection of every layer as one torch matmul each, fused QKV and gate/up shapes, plus the LM
+head on one row per sequence), the same products on the weights packed for oneDNN (what our
+forward runs: decoding/model/packed.py), then a full decode step of the model runner with our
+own forward (packed, and with --no-packed-weights) and with the Hugging Face modules, at
+position 64 of a 512-slot cache.
 serving_bench.py runs the same measurement next to the servers.
 """
 
@@ -37,20 +39,22 @@ def medians_ms(cases: dict[str, Callable[[], object]], rounds: int) -> dict[str,
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def floor_case(runner: ModelRunner, batch: int) -> Callable[[], None]:
-    """The step's matmuls alone, on the fused weights."""
+def floor_case(runner: ModelRunner, batch: int, packed: bool = False) -> Callable[[], None]:
+    """The step's matmuls alone: torch's on the plain weights, or the packed projections."""
     layers, dtype = runner.forward.layers, runner.loaded.dtype
-    x = torch.randn(batch, layers[0].qkv.shape[1], dtype=dtype)
-    inner = torch.randn(batch, layers[0].down.shape[1], dtype=dtype)
-    head = runner.lm_head.weight
+    projections = [(p, p.weight) for layer in layers
+                   for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    projections.append((runner.head, runner.head.weight))
+    inputs = {width: torch.randn(batch, width, dtype=dtype)
+              for width in {weight.shape[1] for _, weight in projections}}
 
     def run() -> None:
-        for layer in layers:
-            F.linear(x, layer.qkv)
-            F.linear(x, layer.o)
-            F.linear(x, layer.gate_up)
-            F.linear(inner, layer.down)
-        F.linear(x, head)
+        for projection, weight in projections:
+            x = inputs[weight.shape[1]]
+            if packed:
+                projection(x)
+            else:
+                F.linear(x, weight)
 
     return run
 
@@ -63,10 +67,12 @@ def step_case(runner: ModelRunner, batch: int) -> Callable[[], object]:
 def measure(model: str, dtype: str, batches: list[int], rounds: int) -> list[dict]:
     loaded = load_model(model, dtype=dtype, max_model_len=512)
     runners = {kind: ModelRunner(loaded, max(batches), None, kind) for kind in ("fused", "hf")}
+    runners["unpacked"] = ModelRunner(loaded, max(batches), None, "fused", packed_weights=False)
     rows = []
     with torch.inference_mode():
         for batch in batches:
-            cases = {"floor": floor_case(runners["fused"], batch)}
+            cases = {"floor": floor_case(runners["fused"], batch),
+                     "packed floor": floor_case(runners["fused"], batch, packed=True)}
             cases.update({kind: step_case(runner, batch) for kind, runner in runners.items()})
             found = medians_ms(cases, rounds)
             rows.append({"dtype": dtype, "batch": batch, **found})
@@ -74,11 +80,13 @@ def measure(model: str, dtype: str, batches: list[int], rounds: int) -> list[dic
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| dtype | batch | floor ms | fused step ms | vs floor | HF-modules step ms | "
-             "vs floor |", "|---|---|---|---|---|---|---|"]
+    lines = ["| dtype | batch | floor ms | packed floor ms | fused step ms | vs floor | "
+             "fused, unpacked ms | HF-modules step ms | vs floor |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['dtype']} | {r['batch']} | {r['floor']:.1f} | {r['fused']:.1f} | "
-                     f"{r['fused'] / r['floor']:.2f}x | {r['hf']:.1f} | "
+        lines.append(f"| {r['dtype']} | {r['batch']} | {r['floor']:.1f} | "
+                     f"{r['packed floor']:.1f} | {r['fused']:.1f} | "
+                     f"{r['fused'] / r['floor']:.2f}x | {r['unpacked']:.1f} | {r['hf']:.1f} | "
                      f"{r['hf'] / r['floor']:.2f}x |")
     return "\n".join(lines)
 

@@ -18,7 +18,8 @@ decode steps; each phase is timed inclusively by wrapping the function that does
       mix                    next_token_rows: the methods' combination of lane logits
       sampling               the sampler
     commit                   Engine._commit: lanes advance, detokenizing, outputs to sinks
-  matmul floor               every projection and the LM head as one matmul each
+  matmul floor               every projection and the LM head as one torch matmul each
+  packed floor               the same products on the packed weights the forward runs
 
 Per-step milliseconds (mean over the timed steps, after warm-up steps). The HTTP side (SSE
 formatting, the event loop sharing the GIL with the engine thread) is not in here: compare a
@@ -53,7 +54,7 @@ from bench_client import PROMPTS  # noqa: E402
 from step_floor import floor_case  # noqa: E402
 
 PHASES = ("step", "inbox", "plan", "compute", "forward", "attention", "KV cache write",
-          "LM head", "mix", "sampling", "commit", "matmul floor")
+          "LM head", "mix", "sampling", "commit", "matmul floor", "packed floor")
 DEPTH = {"inbox": 1, "plan": 1, "compute": 1, "commit": 1, "forward": 2, "mix": 2,
          "sampling": 2, "attention": 3, "KV cache write": 3, "LM head": 3}
 
@@ -123,12 +124,13 @@ def profile(loaded, timers: PhaseTimers, batch: int, steps: int,
     for _ in range(steps):
         engine.step()
     timers.on = False
-    floor = floor_case(engine.primary.runner, batch)
-    floor()
-    start = time.perf_counter()
-    for _ in range(steps):
+    for name, packed in (("matmul floor", False), ("packed floor", True)):
+        floor = floor_case(engine.primary.runner, batch, packed)
         floor()
-    timers.seconds["matmul floor"] = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(steps):
+            floor()
+        timers.seconds[name] = time.perf_counter() - start
     return {phase: timers.seconds.get(phase, 0.0) * 1000 / steps for phase in PHASES}
 
 

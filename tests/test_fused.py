@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from steerserve.decoding.model.loader import from_pretrained_objects
+from steerserve.decoding.model.packed import can_pack
 from steerserve.decoding.model.runner import ModelRunner
 from tests.tiny_models import (
     tiny_gemma,
@@ -63,5 +64,26 @@ def test_fusing_shares_the_weights(tokenizer):
     model = tiny_llama(len(tokenizer))
     runner = ModelRunner(from_pretrained_objects(model, tokenizer, "m"), 2, None, "fused")
     layer, attention = runner.forward.layers[0], model.model.layers[0].self_attn
-    assert attention.q_proj.weight.data_ptr() == layer.qkv.data_ptr()  # a view, not a copy
-    assert attention.k_proj.weight.data_ptr() == layer.qkv[64:].data_ptr()
+    assert attention.q_proj.weight.data_ptr() == layer.qkv.weight.data_ptr()  # a view
+    assert attention.k_proj.weight.data_ptr() == layer.qkv.weight[64:].data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_give_the_plain_products_row_by_row(tokenizer, dtype):
+    """oneDNN-packed projections and LM head: the logits F.linear gives, in prefill and decode
+    (the engine tests check that greedy tokens do not depend on the batch, packed or not)."""
+    loaded = from_pretrained_objects(tiny_qwen2(len(tokenizer)).to(dtype), tokenizer, "m")
+    packed = ModelRunner(loaded, 4, None, "fused", packed_weights=True)
+    plain = ModelRunner(loaded, 4, None, "fused", packed_weights=False)
+    if not can_pack(torch.device("cpu"), dtype):
+        pytest.skip(f"oneDNN cannot pack {dtype} weights on this CPU")
+    assert packed.forward.layers[0].qkv.packed is not None and packed.head.packed is not None
+    assert plain.forward.layers[0].qkv.packed is None
+    with torch.inference_mode():
+        ours, theirs = packed.prefill(0, PROMPTS, [True] * 3), plain.prefill(0, PROMPTS, [True] * 3)
+        torch.testing.assert_close(ours.last_logits, theirs.last_logits,
+                                   atol=TOLERANCE[dtype], rtol=0)
+        positions, tokens = [len(p) for p in PROMPTS], [5, 6, 7]
+        torch.testing.assert_close(packed.decode(0, tokens, positions).logits,
+                                   plain.decode(0, tokens, positions).logits,
+                                   atol=TOLERANCE[dtype], rtol=0)

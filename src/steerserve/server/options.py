@@ -103,6 +103,11 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                        "Qwen2/3 and Gemma 1/2/3 (fused QKV and gate/up weights, SDPA over the "
                        "slot cache), 'hf' the Hugging Face modules (any other decoder, "
                        "slower); auto = fused where the architecture allows")
+    group.add_argument("--packed-weights", action=argparse.BooleanOptionalAction,
+                       default=DEFAULTS.packed_weights,
+                       help="run the projections and the LM head on copies of their weights "
+                       "packed once for oneDNN (CPU, fp32/bf16): about 2x faster matmuls at "
+                       "small batches, for a second copy of those weights in memory")
     group.add_argument("--prefix-cache-slots", type=int, default=DEFAULTS.prefix_cache_slots,
                        help="KV-cache slots that keep recent prompts: a request whose prompt "
                        "starts like one of them (a system prompt, few-shot examples, earlier "

@@ -19,6 +19,7 @@ class ServerSettings:
     max_queue: int = 512
     max_prefill_tokens: int = 512
     forward: str = "auto"  # auto | fused | hf
+    packed_weights: bool = True  # projections on oneDNN-packed copies (CPU)
     prefix_cache_slots: int = 8
     max_n: int = 16
     max_stop: int = 16

@@ -55,6 +55,7 @@ class EngineConfig:
     max_lora_rank: int = 16
     lora_triton: bool | None = None  # None: the process's choice (kernels.dispatch)
     forward: str = "auto"  # "fused" (own forward), "hf" (the modules), or auto
+    packed_weights: bool = True  # projections and LM head on oneDNN-packed copies (CPU)
     threads: int | None = None  # torch threads of the engine thread (None: torch's default)
     prefix_cache_slots: int = 0  # KV slots keeping recent prompts for reuse (0: off)
 
@@ -97,7 +98,7 @@ class Engine:
                             self.config.lora_triton)
             slots = LoraSlots(bank)
         runner = ModelRunner(loaded, self.config.max_num_seqs, bank, self.config.forward,
-                             self.config.prefix_cache_slots)
+                             self.config.prefix_cache_slots, self.config.packed_weights)
         return HostedModel(loaded, runner, slots)
 
     # ---- any thread --------------------------------------------------------------------------

@@ -1,14 +1,14 @@
 """Our own forward for the families in decoding/model/families.py (Llama, Mistral, Qwen2,
 Qwen3, Gemma, Gemma 2, Gemma 3).
 
-Fused QKV and gate/up weights (the original projections become views into them, so nothing
-is stored twice and the Hugging Face modules stay usable: hf_modules.fuse_in_place), RMSNorm, RoPE
-(through the model's own rotary module, so every RoPE variant it supports holds), sliding
-windows and attention-logit soft-capping, and SDPA or grouped matmuls straight over the slot
-cache, with every hook point called directly: LoRA rows on every projection, head offsets at
-the output projection's input, residual steering and captures at each block's output. Every
-other architecture runs the Hugging Face modules (decoding/model/runner.py chooses, and says
-why).
+Fused QKV and gate/up weights (the original projections become views into them, so the
+Hugging Face modules stay usable: hf_modules.fuse_in_place), each projection run on a copy
+packed once for oneDNN where the CPU allows (model/packed.py), RMSNorm, RoPE (through the
+model's own rotary module, so every RoPE variant it supports holds), sliding windows and
+attention-logit soft-capping, and SDPA or grouped matmuls straight over the slot cache, with
+every hook point called directly: LoRA rows on every projection, head offsets at the output
+projection's input, residual steering and captures at each block's output. Every other
+architecture runs the Hugging Face modules (decoding/model/runner.py chooses, and says why).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from steerserve.decoding.model.families import (
     sliding_window,
 )
 from steerserve.decoding.model.hf_modules import base_linear, fuse_in_place
+from steerserve.decoding.model.packed import Projection
 
 
 def _weight(module: torch.nn.Module | None) -> torch.Tensor | None:
@@ -45,14 +46,10 @@ class FusedLayer:
     prefix: str  # the layer's module path, for LoRA keys
     attention_norm: torch.Tensor
     mlp_norm: torch.Tensor
-    qkv: torch.Tensor  # (Q + 2 KV, C)
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor  # (C, Q)
-    o_bias: torch.Tensor | None
-    gate_up: torch.Tensor  # (2 I, C)
-    gate_up_bias: torch.Tensor | None
-    down: torch.Tensor  # (C, I)
-    down_bias: torch.Tensor | None
+    qkv: Projection  # (Q + 2 KV, C)
+    o: Projection  # (C, Q)
+    gate_up: Projection  # (2 I, C)
+    down: Projection  # (C, I)
     act: Callable[[torch.Tensor], torch.Tensor]
     scale: float
     softcap: float | None = None  # Gemma 2: tanh soft-capping of the attention logits
@@ -64,16 +61,17 @@ class FusedLayer:
     mlp_out_norm: torch.Tensor | None = None
 
 
-def _layer(index: int, prefix: str, layer: torch.nn.Module, config,
-           sandwich: bool) -> FusedLayer:
+def _layer(index: int, prefix: str, layer: torch.nn.Module, config, sandwich: bool,
+           pack: bool) -> FusedLayer:
     attention, mlp = layer.self_attn, layer.mlp
-    qkv, qkv_bias = fuse_in_place([attention.q_proj, attention.k_proj, attention.v_proj])
-    gate_up, gate_up_bias = fuse_in_place([mlp.gate_proj, mlp.up_proj])
+    qkv = fuse_in_place([attention.q_proj, attention.k_proj, attention.v_proj])
+    gate_up = fuse_in_place([mlp.gate_proj, mlp.up_proj])
     o, down = base_linear(attention.o_proj), base_linear(mlp.down_proj)
     mlp_norm = layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm
     return FusedLayer(
-        index, prefix, layer.input_layernorm.weight, mlp_norm.weight, qkv, qkv_bias, o.weight,
-        o.bias, gate_up, gate_up_bias, down.weight, down.bias, mlp.act_fn, attention.scaling,
+        index, prefix, layer.input_layernorm.weight, mlp_norm.weight, Projection(*qkv, pack),
+        Projection(o.weight, o.bias, pack), Projection(*gate_up, pack),
+        Projection(down.weight, down.bias, pack), mlp.act_fn, attention.scaling,
         getattr(attention, "attn_logit_softcapping", None), sliding_window(config, index),
         rotary_table(config, index), _weight(getattr(attention, "q_norm", None)),
         _weight(getattr(attention, "k_norm", None)),
@@ -89,7 +87,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class FusedDecoder:
     """Called like the Hugging Face decoder by the runner: (B, T) ids -> (B, T, C) normed."""
 
-    def __init__(self, model: torch.nn.Module, lora_bank: LoraBank | None) -> None:
+    def __init__(self, model: torch.nn.Module, lora_bank: LoraBank | None,
+                 pack: bool = True) -> None:
         config = model.config
         family = FAMILIES[config.model_type]
         prefix = model.base_model_prefix
@@ -102,8 +101,8 @@ class FusedDecoder:
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.layers = [_layer(i, f"{prefix}.layers.{i}", layer, config, family.sandwich_norms)
-                       for i, layer in enumerate(decoder.layers)]
+        self.layers = [_layer(i, f"{prefix}.layers.{i}", layer, config, family.sandwich_norms,
+                              pack) for i, layer in enumerate(decoder.layers)]
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
                  window, steering: SteeringPlan | None,
@@ -161,7 +160,7 @@ class FusedDecoder:
                    lora):
         batch, length, _ = x.shape
         h = self.rms_norm(x, layer.attention_norm, self.eps)
-        qkv = F.linear(h, layer.qkv, layer.qkv_bias)  # (B, T, Q + 2 KV)
+        qkv = layer.qkv(h)  # (B, T, Q + 2 KV)
         q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
         q, k, v = qkv.split([q_width, kv_width, kv_width], dim=-1)
         attention = f"{layer.prefix}.self_attn"
@@ -188,7 +187,7 @@ class FusedDecoder:
                                                  enable_gqa=self.heads != self.kv_heads)
         out = out.transpose(1, 2).reshape(batch, length, q_width)  # (B, T, NH * D)
         hook_points.heads_output(steering, capture, layer.index, out)
-        o = F.linear(out, layer.o, layer.o_bias)
+        o = layer.o(out)
         self._lora(lora, f"{attention}.o_proj", out, o)
         if layer.attention_out_norm is not None:
             o = self.rms_norm(o, layer.attention_out_norm, self.eps)
@@ -217,12 +216,12 @@ class FusedDecoder:
 
     def _mlp(self, layer: FusedLayer, x: torch.Tensor, lora) -> torch.Tensor:
         h = self.rms_norm(x, layer.mlp_norm, self.eps)
-        gate_up = F.linear(h, layer.gate_up, layer.gate_up_bias)  # (B, T, 2 I)
+        gate_up = layer.gate_up(h)  # (B, T, 2 I)
         gate, up = gate_up.chunk(2, dim=-1)
         mlp = f"{layer.prefix}.mlp"
         self._lora_fused(lora, (f"{mlp}.gate_proj", f"{mlp}.up_proj"), h, gate_up, (gate, up))
         inner = layer.act(gate) * up
-        down = F.linear(inner, layer.down, layer.down_bias)
+        down = layer.down(inner)
         self._lora(lora, f"{mlp}.down_proj", inner, down)
         if layer.mlp_out_norm is not None:
             down = self.rms_norm(down, layer.mlp_out_norm, self.eps)

@@ -19,6 +19,7 @@ from steerserve.decoding.model.fused import FusedDecoder
 from steerserve.decoding.model.hf_modules import ModuleDecoder
 from steerserve.decoding.model.kv_cache import SlotKVCache, cache_shape_for
 from steerserve.decoding.model.loader import LoadedModel
+from steerserve.decoding.model.packed import Projection
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +77,9 @@ def choose_forward(model: torch.nn.Module, requested: str) -> str:
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, num_slots: int,
                  lora_bank: LoraBank | None = None, forward: str = "auto",
-                 extra_slots: int = 0) -> None:
-        """`num_slots` for lanes, then `extra_slots` more for the prefix cache."""
+                 extra_slots: int = 0, packed_weights: bool = True) -> None:
+        """`num_slots` for lanes, then `extra_slots` more for the prefix cache;
+        `packed_weights`: our own forward and the LM head run on oneDNN-packed copies."""
         self.loaded = loaded
         self.model = loaded.model
         self.decoder = getattr(self.model, self.model.base_model_prefix)
@@ -89,8 +91,12 @@ class ModelRunner:
         self.cache = SlotKVCache(shape, loaded.dtype, loaded.device)
         self.lora_bank = lora_bank
         self.forward_kind = choose_forward(self.model, forward)
-        decoders = {"fused": FusedDecoder, "hf": ModuleDecoder}
-        self.forward = decoders[self.forward_kind](self.model, lora_bank)
+        if self.forward_kind == "fused":
+            self.forward = FusedDecoder(self.model, lora_bank, packed_weights)
+        else:
+            self.forward = ModuleDecoder(self.model, lora_bank)
+        head = self.lm_head
+        self.head = Projection(head.weight, head.bias, packed_weights)
         self.model._steerserve_taken = True  # tests refuse it as an untouched oracle
 
     @property
@@ -99,7 +105,7 @@ class ModelRunner:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, C) hidden -> (N, V) float32 logits."""
-        logits = self.lm_head(hidden).float()
+        logits = self.head(hidden).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
