@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import ast
-import importlib.util
 import math
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,14 +15,8 @@ from steerserve.kernels.adaptive_temperature.ops import (
     adaptive_temperature_torch,
     adaptive_temperature_triton,
 )
+from tests.kernels.support import DEVICE, assert_triton_imported_lazily, requires_triton
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-_CAN_RUN_TRITON = importlib.util.find_spec("triton") is not None and (
-    DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-)
-requires_triton = pytest.mark.skipif(
-    not _CAN_RUN_TRITON, reason="needs triton, and CUDA or TRITON_INTERPRET=1"
-)
 IMPLS = [
     pytest.param(adaptive_temperature_torch, id="torch"),
     pytest.param(adaptive_temperature_triton, id="triton", marks=requires_triton),
@@ -252,11 +242,4 @@ def test_entry_point_matches_reference() -> None:
 
 
 def test_module_level_imports_leave_triton_out() -> None:
-    source = Path(at_module.__file__).read_text()
-    imported: set[str] = set()
-    for node in ast.parse(source).body:  # module level only
-        if isinstance(node, ast.Import):
-            imported.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            imported.add("." * node.level + (node.module or ""))
-    assert not any("triton" in name or name.endswith(".kernel") for name in imported), imported
+    assert_triton_imported_lazily(at_module, (".kernel",))

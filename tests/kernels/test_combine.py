@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import ast
-import importlib.util
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 import torch
 
-from steerserve.kernels import dispatch
 from steerserve.kernels.combine import ops as combine_module
 from steerserve.kernels.combine.ops import (
     combine_aligned,
@@ -22,15 +17,13 @@ from steerserve.kernels.combine.ops import (
     combine_lanes_torch,
     combine_lanes_triton,
 )
-from steerserve.kernels.dispatch import Dispatch, KernelChoice
+from tests.kernels.support import (
+    DEVICE,
+    assert_triton_imported_lazily,
+    record_dispatch,
+    requires_triton,
+)
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-_CAN_RUN_TRITON = importlib.util.find_spec("triton") is not None and (
-    DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-)
-requires_triton = pytest.mark.skipif(
-    not _CAN_RUN_TRITON, reason="needs triton, and CUDA or TRITON_INTERPRET=1"
-)
 IMPLS = [
     pytest.param(combine_lanes_torch, id="torch"),
     pytest.param(combine_lanes_dense, id="dense"),
@@ -408,13 +401,7 @@ def test_entry_point_matches_reference() -> None:
 
 @pytest.mark.parametrize("use_triton", [True, False], ids=["triton", "dense"])
 def test_entry_point_dispatch(monkeypatch: pytest.MonkeyPatch, use_triton: bool) -> None:
-    decisions: list[torch.device] = []
-
-    def choose(device: torch.device) -> KernelChoice:
-        decisions.append(device)
-        return KernelChoice(use_triton, "test")
-
-    monkeypatch.setattr(dispatch, "BACKENDS", Dispatch(choose))
+    decisions = record_dispatch(monkeypatch, use_triton)
     monkeypatch.setattr(combine_module, "combine_lanes_triton", lambda *args: "triton")
     monkeypatch.setattr(combine_module, "combine_lanes_dense", lambda *args: "dense")
     args = _args()
@@ -424,14 +411,7 @@ def test_entry_point_dispatch(monkeypatch: pytest.MonkeyPatch, use_triton: bool)
 
 
 def test_module_level_imports_leave_triton_out() -> None:
-    source = Path(combine_module.__file__).read_text()
-    imported: set[str] = set()
-    for node in ast.parse(source).body:  # module level only
-        if isinstance(node, ast.Import):
-            imported.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            imported.add("." * node.level + (node.module or ""))
-    assert not any("triton" in name or name.endswith(".kernel") for name in imported), imported
+    assert_triton_imported_lazily(combine_module, (".kernel",))
 
 
 @pytest.mark.parametrize("log_softmax", [False, True])

@@ -6,17 +6,11 @@ other paths with it, including bit-identity of what must stay untouched.
 
 from __future__ import annotations
 
-import ast
-import importlib.util
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
 
-from steerserve.kernels import dispatch
-from steerserve.kernels.dispatch import Dispatch, KernelChoice
 from steerserve.kernels.sae import dense as sae_dense
 from steerserve.kernels.sae import ops as sae
 from steerserve.kernels.sae.dense import sae_edit_dense
@@ -29,13 +23,11 @@ from steerserve.kernels.sae.ops import (
     sae_edit_torch,
     sae_edit_triton,
 )
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-_CAN_RUN_TRITON = importlib.util.find_spec("triton") is not None and (
-    DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-)
-requires_triton = pytest.mark.skipif(
-    not _CAN_RUN_TRITON, reason="needs triton, and CUDA or TRITON_INTERPRET=1"
+from tests.kernels.support import (
+    DEVICE,
+    assert_triton_imported_lazily,
+    record_dispatch,
+    requires_triton,
 )
 
 # Every path computes in fp32; differences are reduction order plus one output rounding.
@@ -365,13 +357,7 @@ def test_entry_point_matches_reference() -> None:
 
 @pytest.mark.parametrize("use_triton", [True, False], ids=["triton", "dense"])
 def test_entry_point_dispatch(monkeypatch: pytest.MonkeyPatch, use_triton: bool) -> None:
-    decisions: list[torch.device] = []
-
-    def choose(device: torch.device) -> KernelChoice:
-        decisions.append(device)
-        return KernelChoice(use_triton, "test")
-
-    monkeypatch.setattr(dispatch, "BACKENDS", Dispatch(choose))
+    decisions = record_dispatch(monkeypatch, use_triton)
     monkeypatch.setattr(sae, "sae_edit_triton", lambda *args: "triton")
     monkeypatch.setattr(sae_dense, "sae_edit_dense", lambda *args: "dense")
     args = _args()
@@ -381,14 +367,5 @@ def test_entry_point_dispatch(monkeypatch: pytest.MonkeyPatch, use_triton: bool)
 
 
 def test_module_level_imports_leave_triton_out() -> None:
-    # Static, so it costs no interpreter start-up: triton may only be imported lazily,
-    # inside the launcher (and TRITON_INTERPRET is then read at first use).
     for module in (sae, sae_dense):
-        imported: set[str] = set()
-        for node in ast.parse(Path(module.__file__ or "").read_text()).body:  # module level
-            if isinstance(node, ast.Import):
-                imported.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                imported.add("." * node.level + (node.module or ""))
-        assert not any("triton" in name or name.endswith(".edit") for name in imported), \
-            imported
+        assert_triton_imported_lazily(module, (".edit",))

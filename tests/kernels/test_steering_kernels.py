@@ -6,12 +6,8 @@ the Triton launchers with them, including bit-identity of what must stay untouch
 
 from __future__ import annotations
 
-import ast
-import importlib.util
 import math
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,14 +25,7 @@ from steerserve.kernels.steering.ops import (
     steer_residual_torch,
     steer_residual_triton,
 )
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-_CAN_RUN_TRITON = importlib.util.find_spec("triton") is not None and (
-    DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-)
-requires_triton = pytest.mark.skipif(
-    not _CAN_RUN_TRITON, reason="needs triton, and CUDA or TRITON_INTERPRET=1"
-)
+from tests.kernels.support import DEVICE, assert_triton_imported_lazily, requires_triton
 
 # Both paths compute in fp32; differences are reduction order plus one output rounding.
 # (The interpreter also rounds fp32 -> bf16 toward zero, not to nearest: 1 ulp more.)
@@ -459,18 +448,7 @@ def test_entry_points_match_reference() -> None:
 
 
 def test_module_level_imports_leave_triton_out() -> None:
-    # Static, so it costs no interpreter start-up: triton may only be imported lazily,
-    # inside the launchers (and TRITON_INTERPRET is then read at first use).
-    source = Path(steering.__file__).read_text()
-    imported = set()
-    for node in ast.parse(source).body:  # module level only
-        if isinstance(node, ast.Import):
-            imported.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            imported.add("." * node.level + (node.module or ""))
-    kernel_modules = (".residual", ".heads")
-    assert not any("triton" in name or name.endswith(kernel_modules) for name in imported), \
-        imported
+    assert_triton_imported_lazily(steering, (".residual", ".heads"))
 
 
 # --------------------------------------------------------------------------- dense (CPU path)
