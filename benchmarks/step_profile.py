@@ -88,6 +88,7 @@ def instrument(timers: PhaseTimers) -> None:
     timers.wrap(compute_module.StepComputer, "__call__", "compute")
     timers.wrap(forward_module, "run", "forward")
     timers.wrap(fused_module.FusedDecoder, "_grouped_attention", "attention")
+    timers.wrap(fused_module.FusedDecoder, "_grouped_decode", "attention")
     timers.wrap(F, "scaled_dot_product_attention", "attention")
     timers.wrap(kv_cache_module.CacheWindow, "update", "KV cache write")
     timers.wrap(runner_module.ModelRunner, "logits", "LM head")
