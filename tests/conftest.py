@@ -38,65 +38,27 @@ def tokenizer():
     return tiny_tokenizer()
 
 
-@pytest.fixture(scope="session")
-def llama(tokenizer) -> LoadedModel:
-    return from_pretrained_objects(tiny_llama(len(tokenizer)), tokenizer, "tiny-llama")
+def _tiny_model_fixtures(name: str, build):
+    """Session fixtures `name` (the model, loaded for engines) and `name_reference`: the same
+    weights in a model no engine ever touches (the HF `generate` oracle)."""
+
+    @pytest.fixture(scope="session", name=name)
+    def loaded(tokenizer) -> LoadedModel:
+        return from_pretrained_objects(build(len(tokenizer)), tokenizer, f"tiny-{name}")
+
+    @pytest.fixture(scope="session", name=f"{name}_reference")
+    def reference(tokenizer):
+        return build(len(tokenizer))
+
+    return loaded, reference
 
 
-@pytest.fixture(scope="session")
-def llama_reference(tokenizer):
-    """The same weights as `llama`, in a model no engine ever touched (HF generate oracle)."""
-    return tiny_llama(len(tokenizer))
-
-
-@pytest.fixture(scope="session")
-def qwen2(tokenizer) -> LoadedModel:
-    return from_pretrained_objects(tiny_qwen2(len(tokenizer)), tokenizer, "tiny-qwen2")
-
-
-@pytest.fixture(scope="session")
-def qwen2_reference(tokenizer):
-    return tiny_qwen2(len(tokenizer))
-
-
-@pytest.fixture(scope="session")
-def gemma(tokenizer) -> LoadedModel:
-    return from_pretrained_objects(tiny_gemma(len(tokenizer)), tokenizer, "tiny-gemma")
-
-
-@pytest.fixture(scope="session")
-def gemma_reference(tokenizer):
-    return tiny_gemma(len(tokenizer))
-
-
-@pytest.fixture(scope="session")
-def gemma2(tokenizer) -> LoadedModel:
-    return from_pretrained_objects(tiny_gemma2(len(tokenizer)), tokenizer, "tiny-gemma2")
-
-
-@pytest.fixture(scope="session")
-def gemma2_reference(tokenizer):
-    return tiny_gemma2(len(tokenizer))
-
-
-@pytest.fixture(scope="session")
-def gemma3(tokenizer) -> LoadedModel:
-    return from_pretrained_objects(tiny_gemma3(len(tokenizer)), tokenizer, "tiny-gemma3")
-
-
-@pytest.fixture(scope="session")
-def gemma3_reference(tokenizer):
-    return tiny_gemma3(len(tokenizer))
-
-
-@pytest.fixture(scope="session")
-def phi3(tokenizer) -> LoadedModel:
-    return from_pretrained_objects(tiny_phi3(len(tokenizer)), tokenizer, "tiny-phi3")
-
-
-@pytest.fixture(scope="session")
-def phi3_reference(tokenizer):
-    return tiny_phi3(len(tokenizer))
+llama, llama_reference = _tiny_model_fixtures("llama", tiny_llama)
+qwen2, qwen2_reference = _tiny_model_fixtures("qwen2", tiny_qwen2)
+gemma, gemma_reference = _tiny_model_fixtures("gemma", tiny_gemma)
+gemma2, gemma2_reference = _tiny_model_fixtures("gemma2", tiny_gemma2)
+gemma3, gemma3_reference = _tiny_model_fixtures("gemma3", tiny_gemma3)
+phi3, phi3_reference = _tiny_model_fixtures("phi3", tiny_phi3)  # no own forward: the modules
 
 
 @pytest.fixture(scope="session")
