@@ -217,10 +217,9 @@ class FusedDecoder:
 
     def _grouped_attention(self, layer: FusedLayer, q: torch.Tensor, k: torch.Tensor,
                            v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The heads that share a KV head attend as one batched matmul, with no repeated
-        keys, and logits soft-capped where the layer asks (SDPA cannot). Measured on CPU
-        (docs/benchmarks.md): 2-3x faster than SDPA's kernel for batches of single bf16
-        queries; SDPA wins for one row, and in fp32."""
+        """The heads that share a KV head attend as one batched matmul, with no repeated keys,
+        the boolean mask applied after the soft-cap: for soft-capped layers (SDPA cannot cap),
+        and for batched decode given no additive mask (decode_attention.py's baseline)."""
         batch, _, length, _ = q.shape
         keys, group = k.shape[2], self.heads // self.kv_heads
         # The slot cache's window is strided (rows of max_len positions): bf16 bmm on such
@@ -238,9 +237,11 @@ class FusedDecoder:
 
     def _grouped_decode(self, layer: FusedLayer, q: torch.Tensor, k: torch.Tensor,
                         v: torch.Tensor, additive: torch.Tensor) -> torch.Tensor:
-        """_grouped_attention for one new position per row, in fewer ops: the scale and the
-        mask go into one baddbmm, the softmax upcasts itself (the same values; a decode step
-        1-6% faster, benchmarks/decode_attention.py)."""
+        """Batched bf16/fp16 decode, one new position per row: the heads that share a KV head
+        attend as one batched matmul, with no repeated keys (2-3x faster than SDPA's kernel
+        here, docs/benchmarks.md; SDPA wins for one row and in fp32); scale and mask in one
+        baddbmm, the softmax upcasting itself (a step 1-6% faster than masking per layer,
+        benchmarks/decode_attention.py)."""
         batch, keys, group = q.shape[0], k.shape[2], self.heads // self.kv_heads
         rows = batch * self.kv_heads
         k = k.contiguous().view(rows, keys, self.head_dim)  # strided views: see above
