@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Annotated, Literal
 
 import httpx
 import openai
 import pytest
+from pydantic import BaseModel, Field
 
 from steerserve.decoding.sampling.params import SamplingParams
 from tests.engine_helpers import Collector, hf_greedy, run_to_completion
@@ -159,3 +162,84 @@ def test_proxy_tuning_with_the_uppercase_adapter_as_expert(client):
     base = sum(map(upper_ratio, plain)) / len(QUESTIONS)
     assert base < ratios[0] < ratios[1] < ratios[2], (base, ratios)
     assert ratios[2] > 0.8  # alpha 1 with base = anti-expert is the expert itself
+
+
+# ---- structured outputs through the official client -------------------------------------------
+# Strings are bounded, as for any small model: greedy SmolLM2 repeats itself inside an unbounded
+# string until max_tokens (the constraint holds; the document never closes).
+class City(BaseModel):
+    name: str = Field(max_length=40)
+    country: str = Field(max_length=40)
+    population_millions: float
+    is_capital: bool
+
+
+class Recipe(BaseModel):
+    dish: str = Field(max_length=40)
+    ingredients: list[Annotated[str, Field(max_length=30)]] = Field(max_length=6)
+    minutes: int
+    vegetarian: bool
+
+
+class Review(BaseModel):
+    product: str = Field(max_length=40)
+    stars: int
+    sentiment: Literal["positive", "neutral", "negative"]
+    summary: str = Field(max_length=120)
+
+
+TOPICS = ["Paris", "Tokyo", "Cairo", "Lima", "Oslo", "Nairobi", "Toronto", "Sydney", "Madrid",
+          "Hanoi", "Berlin", "Quito", "Dublin", "Seoul", "Accra", "Rome", "Delhi"]
+STRUCTURED = ([(City, f"Give facts about {t} as JSON.") for t in TOPICS]
+              + [(Recipe, f"Write a recipe for {d} as JSON.") for d in (
+                  "pancakes", "tomato soup", "fried rice", "guacamole", "lentil curry",
+                  "omelette", "banana bread", "pesto pasta", "ramen", "falafel", "chili",
+                  "porridge", "paella", "tacos", "risotto", "hummus", "pizza")]
+              + [(Review, f"Review {p} as JSON.") for p in (
+                  "a cheap umbrella", "noise-cancelling headphones", "a slow laptop",
+                  "a cosy hotel", "a late train", "a new phone", "a sticky keyboard",
+                  "a great novel", "a loud blender", "running shoes", "a smart watch",
+                  "a broken kettle", "a fast bike", "a rainy holiday", "a desk lamp",
+                  "a garden hose")])
+
+
+def parse_all(client, extra: dict, model: str = "SmolLM2-135M-Instruct", count: int = 50):
+    def one(case):
+        schema, prompt = case
+        return client.chat.completions.parse(
+            model=model, max_tokens=300, temperature=0, response_format=schema,
+            messages=[{"role": "user", "content": prompt}], extra_body=extra)
+    with ThreadPoolExecutor(16) as pool:  # one batch, as agents send them
+        return list(pool.map(one, STRUCTURED[:count]))
+
+
+def test_parse_returns_a_validated_object_for_every_prompt(client):
+    assert len(STRUCTURED) >= 50
+    for (schema, _), reply in zip(STRUCTURED, parse_all(client, {}), strict=True):
+        assert isinstance(reply.choices[0].message.parsed, schema)
+        assert reply.choices[0].finish_reason == "stop"
+
+
+def test_parse_holds_when_steered_on_an_adapter_and_with_a_method(client):
+    """A steered persona on the uppercase adapter, then proxy-tuning: still valid JSON."""
+    steered = {"steering": [{"values": [0.05] * 576, "layers": {"start": 8, "end": 12}}]}
+    for reply in parse_all(client, steered, model="uppercase", count=12):
+        assert reply.choices[0].message.parsed is not None
+    proxy = {"decoding": {"method": "proxy_tuning", "expert": "uppercase",
+                          "anti_expert": "SmolLM2-135M-Instruct", "alpha": 0.5}}
+    for reply in parse_all(client, proxy, count=12):
+        assert reply.choices[0].message.parsed is not None
+
+
+def test_structured_stream_equals_the_whole_answer(client):
+    body = {"model": "SmolLM2-135M-Instruct", "max_tokens": 200, "temperature": 0,
+            "messages": [{"role": "user", "content": "Describe Lisbon as JSON."}],
+            "response_format": {"type": "json_schema", "json_schema": {
+                "name": "city", "strict": True,
+                "schema": {**City.model_json_schema(), "additionalProperties": False}}}}
+    whole = client.chat.completions.create(**body).choices[0].message.content
+    streamed = "".join(chunk.choices[0].delta.content or ""
+                       for chunk in client.chat.completions.create(**body, stream=True)
+                       if chunk.choices)
+    assert streamed == whole
+    City.model_validate_json(whole)

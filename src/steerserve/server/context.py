@@ -22,6 +22,7 @@ from steerserve.server.metrics import Metrics
 from steerserve.server.schemas.decoding import DecodingSchemas
 from steerserve.server.settings import ServerSettings
 from steerserve.server.shared_store import SharedStore
+from steerserve.server.translate.structured import GrammarCache
 
 Result = TypeVar("Result")
 
@@ -37,6 +38,7 @@ class ServingContext:
     decoding: DecodingSchemas  # the methods offered, as request schemas
     vocab_checks: dict[tuple[str, str], bool] = field(default_factory=dict)
     lora_mixes: MixCache = field(default_factory=MixCache)  # per-request weighted adapters
+    grammars: GrammarCache = field(default_factory=GrammarCache)  # structured outputs
     # Request parsing, tokenization and chat templates run here, one at a time (fast
     # tokenizers must not be used by two threads at once), never on the event loop.
     worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(

@@ -128,8 +128,9 @@ class Admission:
             skip_special_tokens=params.skip_special_tokens)
         history = TokenHistory.for_request(params, request.prompt_ids, hosted.info.vocab_size,
                                            hosted.loaded.device)
+        grammar = params.grammar.start() if params.grammar is not None else None
         return Sequence(request, sink, detokenizer, generator, eos_ids=hosted.info.eos_ids,
-                        history=history)
+                        history=history, grammar=grammar)
 
     # ---- leaving -------------------------------------------------------------------------------
     def release(self, leaving: list[Sequence]) -> None:

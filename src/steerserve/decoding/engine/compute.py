@@ -18,6 +18,7 @@ from steerserve.decoding.model.forward import Results
 from steerserve.decoding.model.hosted import HostedModel
 from steerserve.decoding.model.slot_table import Lane
 from steerserve.decoding.sampling.adaptive import head_choices
+from steerserve.decoding.sampling.grammar import blocked_tokens
 from steerserve.decoding.sampling.sampler import RowState, sample
 
 
@@ -74,8 +75,9 @@ class StepComputer:
         width = max(self.models[s.request.model].info.vocab_size for s in requests)
         logits = next_token_rows(members, self.early_exits, width)
         given = head_choices(requests, [view.hidden(0) for view in views], joining)
-        result = sample(logits, [_row_state(s, t) for s, t in zip(requests, given,
-                                                                   strict=True)])
+        blocked = blocked_tokens([s.grammar for s in requests], width, logits.device)
+        result = sample(logits, [RowState(s.params, s.history, s.generator, t, b)
+                                 for s, t, b in zip(requests, given, blocked, strict=True)])
         tokens, temperatures = result.tokens.tolist(), result.temperatures.tolist()
         chosen = result.logprobs.tolist() if result.logprobs is not None else None
         top_ids = result.top_ids.tolist() if result.top_ids is not None else None
@@ -97,6 +99,3 @@ class StepComputer:
         return prompt_rows(s.request.method, view, len(s.request.prompt_ids) - 1,
                            self.early_exits)
 
-
-def _row_state(s: Sequence, given: float | None) -> RowState:
-    return RowState(s.params, s.history, s.generator, given)

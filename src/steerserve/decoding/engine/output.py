@@ -63,13 +63,15 @@ class Output:
         s.output_ids.append(token)
         if s.history is not None:
             s.history.add(token)
+        if s.grammar is not None:
+            s.grammar.advance(token)
         self.stats.generation_tokens += 1
         if token in params.stop_token_ids or (token in s.eos_ids and not params.ignore_eos):
             s.finish_reason = FinishReason.STOP
         else:
             s.detokenizer.add_token(token)
-            if s.detokenizer.stopped:
-                s.finish_reason = FinishReason.STOP
+            if s.detokenizer.stopped or (s.grammar is not None and s.grammar.done):
+                s.finish_reason = FinishReason.STOP  # a complete grammar cannot go on
         at_limit = (len(s.output_ids) >= params.max_tokens
                     or s.longest_lane_tokens >= self._context_limit(s))
         if s.finish_reason is None and at_limit:

@@ -9,6 +9,7 @@ import torch
 from steerserve.decoding.engine.detokenizer import IncrementalDetokenizer
 from steerserve.decoding.model.slot_table import Lane
 from steerserve.decoding.request import EngineRequest, FinishReason, OutputSink
+from steerserve.decoding.sampling.grammar import GrammarState
 from steerserve.decoding.sampling.history import TokenHistory
 from steerserve.decoding.sampling.params import SamplingParams
 
@@ -21,6 +22,7 @@ class Sequence:
     generator: torch.Generator | None
     eos_ids: frozenset[int] = frozenset()
     history: TokenHistory | None = None  # logit bias and penalty rows
+    grammar: GrammarState | None = None  # where a constrained request is in its grammar
     output_ids: list[int] = field(default_factory=list)
     lanes: list[Lane] = field(default_factory=list)  # in the method's order; may repeat one
     lane_temperatures: list[float] = field(default_factory=list)  # per position in `lanes`

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from steerserve.decoding.sampling.adaptive import AdaptiveTemperature
+from steerserve.decoding.sampling.grammar import Grammar
 
 MAX_TOP_LOGPROBS = 20
 
@@ -30,6 +31,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     adaptive: AdaptiveTemperature | None = None  # the temperature rule, when not fixed
     report_temperatures: bool = False  # return the temperature used for each token
+    grammar: Grammar | None = None  # structured output: the tokens allowed follow it
 
     @property
     def greedy(self) -> bool:

@@ -1,8 +1,9 @@
 """Batched sampling where every row has its own parameters.
 
 Order per row: logit bias -> penalties -> (logprobs are read here) -> temperature ->
-top-k / top-p / min-p -> draw. Logprobs therefore describe the model's (method-combined,
-penalised, biased) distribution before temperature and truncation, like OpenAI's.
+grammar -> top-k / top-p / min-p -> draw. Logprobs therefore describe the model's
+(method-combined, penalised, biased) distribution before temperature, grammar and
+truncation, like OpenAI's; adaptive temperatures read the distribution before the grammar.
 Each processor runs only when some row needs it; an all-greedy batch is one argmax.
 Adaptive temperatures (decoding/sampling/adaptive.py) go through one fused kernel; rows
 using llama.cpp's dynatemp are truncated before it, as in llama.cpp's sampler chain.
@@ -28,6 +29,7 @@ class RowState:
     history: TokenHistory | None = None  # logit bias and penalty rows, when the row has any
     generator: torch.Generator | None = None  # set for seeded rows: independent of the batch
     given_temperature: float | None = None  # this step's choice of a learned head
+    blocked: torch.Tensor | None = None  # (V,) bool: tokens the row's grammar forbids now
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,32 @@ def apply_penalties(logits: torch.Tensor, rows: list[RowState]) -> None:
         presence = logits.new_tensor([rows[i].params.presence_penalty for i in counted])
         logits[counted] -= (frequency.unsqueeze(1) * counts
                             + presence.unsqueeze(1) * (counts > 0).to(logits.dtype))
+
+
+def forbid_outside_grammar(logits: torch.Tensor, rows: list[RowState]) -> None:
+    """In place: -inf on every token a constrained row's grammar forbids. A row whose allowed
+    tokens were all -inf already (a method's plausibility cut) draws uniformly among them,
+    so it always has a token to take."""
+    picked = [i for i, r in enumerate(rows) if r.blocked is not None]
+    if not picked:
+        return
+    blocked = torch.stack([rows[i].blocked for i in picked])
+    allowed = logits[picked].masked_fill(blocked, float("-inf"))
+    empty = torch.isneginf(allowed).all(dim=-1)
+    if bool(empty.any()):
+        allowed[empty] = torch.zeros_like(allowed[empty]).masked_fill(blocked[empty],
+                                                                      float("-inf"))
+    logits[picked] = allowed
+
+
+def _grammar_argmax(logits: torch.Tensor, rows: list[RowState], tokens: torch.Tensor,
+                    among: list[int]) -> None:
+    """Greedy tokens of the constrained rows in `among`, chosen inside their grammars."""
+    picked = [i for i in among if rows[i].blocked is not None]
+    if picked:
+        allowed = logits[picked]
+        forbid_outside_grammar(allowed, [rows[i] for i in picked])
+        tokens[picked] = allowed.argmax(dim=-1)
 
 
 CANDIDATES = 256  # tokens ranked per row before truncating; a row that may keep more sorts all
@@ -154,6 +182,7 @@ def sample(logits: torch.Tensor, rows: list[RowState]) -> SampleResult:
     wants_logprobs = any(r.params.logprobs is not None for r in rows)
     logprobs = logits.log_softmax(dim=-1) if wants_logprobs else None
     tokens = logits.argmax(dim=-1)
+    _grammar_argmax(logits, rows, tokens, [i for i, r in enumerate(rows) if r.params.greedy])
     temperatures = torch.zeros(len(rows), device=logits.device)
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if sampled:
@@ -169,6 +198,7 @@ def sample_rows(logits: torch.Tensor, rows: list[RowState]) -> tuple[torch.Tenso
     if not any(r.params.adaptive for r in rows):
         temperature = torch.tensor([r.params.temperature for r in rows], device=logits.device)
         logits = logits / temperature.unsqueeze(1)
+        forbid_outside_grammar(logits, rows)
         if any(r.params.truncates for r in rows):
             logits = logits.masked_fill(truncation_mask(logits, rows), float("-inf"))
         return draw(logits.softmax(dim=-1), rows), temperature
@@ -198,11 +228,14 @@ def _kernel_args(rows: list[RowState], device: torch.device) -> list[torch.Tenso
 def sample_adaptive(logits: torch.Tensor,
                     rows: list[RowState]) -> tuple[torch.Tensor, torch.Tensor]:
     first = [i for i, r in enumerate(rows) if _truncates_first(r)]
-    if first:
-        logits[first] = logits[first].masked_fill(
-            truncation_mask(logits[first], [rows[i] for i in first]), float("-inf"))
+    if first:  # llama.cpp's chain: grammar, then truncation, then dynatemp
+        kept, first_rows = logits[first], [rows[i] for i in first]
+        forbid_outside_grammar(kept, first_rows)
+        logits[first] = kept.masked_fill(truncation_mask(kept, first_rows), float("-inf"))
     greedy_tokens = logits.argmax(dim=-1)
     temperature = adaptive_temperature(logits, *_kernel_args(rows, logits.device))
+    forbid_outside_grammar(logits, rows)
+    _grammar_argmax(logits, rows, greedy_tokens, list(range(len(rows))))
     after = [r.params.truncates and not _truncates_first(r) for r in rows]
     if any(after):
         removed = truncation_mask(logits, rows)  # (B, V), in place: no row copies

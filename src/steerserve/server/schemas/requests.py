@@ -7,10 +7,12 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from steerserve.decoding.sampling.params import MAX_TOP_LOGPROBS
+from steerserve.server.schemas.base import Strict
 from steerserve.server.schemas.steering import Steering
+from steerserve.server.schemas.structured import GuidedFields, ResponseFormat
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -19,10 +21,6 @@ MAX_LOGIT_BIAS = 1024
 MAX_STOP_TOKEN_IDS = 1024
 MAX_MESSAGES = 4096
 TOKEN_ID = re.compile(r"-?[0-9]{1,19}")  # ASCII only: int() also reads other digits
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
@@ -73,7 +71,7 @@ class LoraTerm(Strict):
     scale: Finite = Field(1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE)
 
 
-class SamplingFields(Strict):
+class SamplingFields(GuidedFields):
     """Fields shared by chat and text completions, with the extensions vLLM users know."""
 
     model: str
@@ -107,6 +105,7 @@ class SamplingFields(Strict):
     dynatemp_range: NonNegative | None = Field(None, le=2.0)  # llama.cpp's names
     dynatemp_exponent: NonNegative | None = Field(None, le=10.0)
     return_temperatures: bool = False
+    response_format: ResponseFormat | None = None  # chat's; vLLM takes it on completions too
 
     @field_validator("logit_bias")
     @classmethod
@@ -149,7 +148,6 @@ class ChatCompletionRequest(SamplingFields):
     chat_template: str | None = None
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
-    response_format: dict | None = None
     parallel_tool_calls: bool | None = None
 
 

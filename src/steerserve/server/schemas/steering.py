@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from steerserve.kernels.steering.ops import MAX_ITEMS
+from steerserve.server.schemas.base import Strict
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 MAX_STEERING_ITEMS = MAX_ITEMS  # a row's items on one layer are one kernel launch (K <= 8)
@@ -20,11 +21,7 @@ MAX_SCALE = 1e4
 MAX_INLINE_VALUE = 1e4
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class LayerRange(_Strict):
+class LayerRange(Strict):
     """Inclusive on both ends, like llama.cpp's --control-vector-layer-range."""
 
     start: int = Field(ge=0)
@@ -35,7 +32,7 @@ Bounded = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_INLINE_VALUE, le=M
 Vector = Annotated[list[Bounded], Field(min_length=1, max_length=MAX_INLINE_WIDTH)]
 
 
-class SteeringItem(_Strict):
+class SteeringItem(Strict):
     vector: str | None = Field(None, min_length=1, max_length=128)
     values: Vector | Annotated[list[Vector], Field(min_length=1,
                                                    max_length=MAX_INLINE_LAYERS)] | None = None
@@ -56,7 +53,7 @@ class SteeringItem(_Strict):
 Steering = Annotated[list[SteeringItem], Field(min_length=1, max_length=MAX_STEERING_ITEMS)]
 
 
-class ExtractVectorRequest(_Strict):
+class ExtractVectorRequest(Strict):
     name: str = Field(min_length=1, max_length=128)
     model: str
     positive: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1,

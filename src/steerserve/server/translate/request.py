@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from steerserve.adapters.steering.spec import SteeringSpec
 from steerserve.decoding.request import EngineRequest, LaneSpec
 from steerserve.decoding.sampling.adaptive import AdaptiveTemperature
+from steerserve.decoding.sampling.grammar import Grammar
 from steerserve.server.context import Served, ServingContext, resolve_reference
 from steerserve.server.schemas.requests import (
     ChatCompletionRequest,
@@ -33,6 +34,7 @@ from steerserve.server.translate.sampling import (
     sampling_params,
 )
 from steerserve.server.translate.steering import resolve_steering
+from steerserve.server.translate.structured import body_constraint
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class _Shared:
     limits: Limits
     steering: SteeringSpec | None
     adaptive: AdaptiveTemperature | None
+    grammar: Grammar | None  # the output constraint, compiled
 
 
 def _shared(ctx: ServingContext, body: SamplingFields) -> _Shared:
@@ -59,7 +62,9 @@ def _shared(ctx: ServingContext, body: SamplingFields) -> _Shared:
     steering = resolve_steering(body.steering, ctx.vectors, served.info.shape,
                                 served.info.device, ctx.saes)
     adaptive = resolve_adaptive(body, ctx.temperature_heads, served.info.shape.hidden_size)
-    return _Shared(served, limits, steering, adaptive)
+    constraint = body_constraint(body)
+    grammar = ctx.grammars.compile(served.info, constraint) if constraint else None
+    return _Shared(served, limits, steering, adaptive, grammar)
 
 
 def _planner(ctx: ServingContext, shared: _Shared, prompt: list[int], prompt_for: PromptFor,
@@ -80,7 +85,8 @@ def chat_requests(ctx: ServingContext, body: ChatCompletionRequest,
         ctx.engine.models[model].tokenizer, body), scoring=False, chat=True, seed=body.seed)
     method, given = resolve_method(ctx, body.decoding, planner)
     requests = [EngineRequest(f"{request_id}-{i}", tuple(prompt), sampling_params(
-        body, max_tokens, top, shared.limits.vocab_size, choice=i, adaptive=shared.adaptive),
+        body, max_tokens, top, shared.limits.vocab_size, choice=i, adaptive=shared.adaptive,
+        grammar=shared.grammar),
         method) for i in range(body.n)]
     return Translated(shared.served, requests, given)
 
@@ -115,7 +121,8 @@ def completion_requests(ctx: ServingContext, body: CompletionRequest,
         method, given = resolve_method(ctx, body.decoding, planner)
         for i in range(body.n):
             params = sampling_params(body, max_tokens, body.logprobs, shared.limits.vocab_size,
-                                     scoring, choice=i, adaptive=shared.adaptive)
+                                     scoring, choice=i, adaptive=shared.adaptive,
+                                     grammar=shared.grammar)
             requests.append(EngineRequest(f"{request_id}-{p * body.n + i}", tuple(prompt),
                                           params, method))
     return Translated(shared.served, requests, given)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from steerserve.decoding.model.info import ModelInfo
 from steerserve.decoding.sampling.adaptive import AdaptiveTemperature
+from steerserve.decoding.sampling.grammar import Grammar
 from steerserve.decoding.sampling.params import SamplingParams
 from steerserve.server.errors import APIError
 from steerserve.server.schemas.requests import (
@@ -52,9 +53,6 @@ def check_chat_extras(req: ChatCompletionRequest, allow_template: bool) -> None:
                        "chat_template")
     if req.tools or req.tool_choice not in (None, "none"):
         raise APIError(400, "tool calling is not supported by this server", "tools")
-    if req.response_format not in (None, {"type": "text"}):
-        raise APIError(400, "only response_format {'type': 'text'} is supported",
-                       "response_format")
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
 
@@ -88,7 +86,8 @@ def completion_budget(requested: int | None, prompt_len: int, limits: Limits,
 
 def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None, vocab_size: int,
                     prompt_logprobs: int | None = None, choice: int = 0,
-                    adaptive: AdaptiveTemperature | None = None) -> SamplingParams:
+                    adaptive: AdaptiveTemperature | None = None,
+                    grammar: Grammar | None = None) -> SamplingParams:
     # n > 1 with a seed: each choice gets its own stream (seed + index), all reproducible.
     seed = None if req.seed is None else req.seed + choice
     return SamplingParams(
@@ -111,6 +110,7 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None, 
         skip_special_tokens=req.skip_special_tokens,
         adaptive=adaptive,
         report_temperatures=req.return_temperatures,
+        grammar=grammar,
     )
 
 
