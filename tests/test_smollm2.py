@@ -243,3 +243,73 @@ def test_structured_stream_equals_the_whole_answer(client):
                        if chunk.choices)
     assert streamed == whole
     City.model_validate_json(whole)
+
+
+# ---- tool calling through the official client ---------------------------------------------------
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 30},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}}
+TIME_TOOL = {"type": "function", "function": {
+    "name": "get_time", "description": "Get the local time in a timezone",
+    "parameters": {"type": "object", "properties": {"timezone": {"type": "string",
+                                                                 "maxLength": 30}},
+                   "required": ["timezone"], "additionalProperties": False}}}
+CITIES = ["Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Toronto"]
+
+
+def weather_question(city: str) -> list[dict]:
+    return [{"role": "user", "content": f"What is the weather like in {city} right now?"}]
+
+
+def assert_valid_call(call, tools=(WEATHER_TOOL, TIME_TOOL)) -> None:
+    """The arguments parse and follow the called tool's schema, checked by pydantic."""
+    [tool] = [t for t in tools if t["function"]["name"] == call.function.name]
+    schema = tool["function"]["parameters"]
+    arguments = json.loads(call.function.arguments)
+    assert set(arguments) == set(schema["required"])
+    for key, value in arguments.items():
+        rule = schema["properties"][key]
+        assert isinstance(value, str) and len(value) <= rule.get("maxLength", 10**6)
+        assert value in rule.get("enum", [value])
+
+
+def test_required_and_named_tools_always_give_valid_calls(client):
+    for city in CITIES:
+        for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+            reply = client.chat.completions.create(
+                model="SmolLM2-135M-Instruct", messages=weather_question(city), max_tokens=120,
+                temperature=0, tools=[WEATHER_TOOL, TIME_TOOL], tool_choice=choice)
+            message = reply.choices[0].message
+            assert message.tool_calls and reply.choices[0].finish_reason == "tool_calls"
+            for call in message.tool_calls:
+                assert_valid_call(call)
+            if isinstance(choice, dict):
+                assert [c.function.name for c in message.tool_calls] == ["get_weather"]
+
+
+def test_a_tool_round_trip_and_its_stream(client):
+    first = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=weather_question("Oslo"), max_tokens=120,
+        temperature=0, tools=[WEATHER_TOOL], tool_choice="required")
+    call = first.choices[0].message.tool_calls[0]
+    streamed: dict[int, dict] = {}
+    for chunk in client.chat.completions.create(
+            model="SmolLM2-135M-Instruct", messages=weather_question("Oslo"), max_tokens=120,
+            temperature=0, tools=[WEATHER_TOOL], tool_choice="required", stream=True):
+        for delta in chunk.choices[0].delta.tool_calls or [] if chunk.choices else []:
+            streamed[delta.index] = {"name": delta.function.name,
+                                     "arguments": delta.function.arguments}
+    assert list(streamed.values()) == [{"name": c.function.name, "arguments":
+                                        c.function.arguments}
+                                       for c in first.choices[0].message.tool_calls]
+    answer = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", max_tokens=60, temperature=0, tools=[WEATHER_TOOL],
+        messages=[*weather_question("Oslo"), first.choices[0].message.model_dump(
+            exclude_none=True), {"role": "tool", "tool_call_id": call.id,
+                                 "content": json.dumps({"temperature": -3, "sky": "snow"})}])
+    text = answer.choices[0].message.content or ""
+    assert answer.choices[0].finish_reason in ("stop", "tool_calls")
+    assert "snow" in text.lower() or "-3" in text or answer.choices[0].message.tool_calls

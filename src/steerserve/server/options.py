@@ -193,5 +193,11 @@ def add_http_options(parser: argparse.ArgumentParser) -> None:
                        help="largest request body accepted (HTTP 413 beyond)")
     group.add_argument("--allow-request-chat-template", action="store_true",
                        help="accept a 'chat_template' field in chat requests (off: 400)")
+    group.add_argument("--tool-call-parser", default=DEFAULTS.tool_call_parser,
+                       choices=["auto", "hermes", "llama3_json"],
+                       help="how tool calls are written and read: hermes (<tool_call> JSON "
+                       "blocks, Qwen's and the default), llama3_json (bare JSON with "
+                       "'parameters'); auto picks llama3_json for a template with Llama 3's "
+                       "<|python_tag|>, else hermes (docs/structured-outputs.md)")
     group.add_argument("--log-level", default=DEFAULTS.log_level,
                        choices=["debug", "info", "warning", "error"], help="log verbosity")

@@ -31,6 +31,7 @@ class ServerSettings:
     allowed_hosts: tuple[str, ...] = ()  # Host values accepted besides loopback names
     drain_timeout: float = 30.0  # seconds SIGTERM waits for requests in flight
     allow_request_chat_template: bool = False
+    tool_call_parser: str = "auto"  # auto | hermes | llama3_json
     threads: int | None = None
     loras: tuple[tuple[str, str], ...] = ()  # (name, path) loaded at start
     adapter_dir: str | None = None  # root that runtime lora_path values are confined to

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
-from functools import partial
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -22,6 +22,7 @@ from steerserve.server.routes.generation import (
     whole_response,
 )
 from steerserve.server.schemas.requests import ChatCompletionRequest
+from steerserve.server.tools.formats import CallReader, ParsedCall
 from steerserve.server.translate.request import chat_requests
 
 CHUNK = "chat.completion.chunk"
@@ -33,23 +34,67 @@ async def chat_completions(request: Request, ctx: ServingContext) -> Response:
 
 def chat_response(call: Call[ChatCompletionRequest], results: list[ChoiceResult]) -> dict:
     body = call.body
-    choices = [{
-        "index": r.index,
-        "message": {"role": "assistant", "content": r.text},
-        "logprobs": chat_logprobs(r.logprobs) if body.logprobs else None,
-        **ending(r.finish_reason, r.temperatures if body.return_temperatures else None),
-    } for r in results]
+    choices = []
+    for r in results:
+        message: dict = {"role": "assistant", "content": r.text}
+        finish_reason = r.finish_reason
+        tool_format = call.translated.tool_format
+        if tool_format is not None:
+            read = tool_format.reader().read_all(r.text)
+            message["content"] = read.content or None
+            if read.calls:
+                message["tool_calls"] = [tool_call(c) for c in read.calls]
+                finish_reason = _calls_ending(finish_reason)
+        choices.append({
+            "index": r.index, "message": message,
+            "logprobs": chat_logprobs(r.logprobs) if body.logprobs else None,
+            **ending(finish_reason, r.temperatures if body.return_temperatures else None)})
     return whole_response(call.meta, "chat.completion", choices, results[0].prompt_tokens,
                           results)
 
 
-def _delta(body: ChatCompletionRequest, index: int, output: RequestOutput) -> dict | None:
-    if not (output.text or output.finished or (body.logprobs and output.logprobs)
-            or output.temperatures):
-        return None
-    return {"index": index, "delta": {"content": output.text} if output.text else {},
-            "logprobs": chat_logprobs(output.logprobs) if body.logprobs else None,
-            **output_ending(output, body.return_temperatures)}
+def tool_call(call: ParsedCall) -> dict:
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def _calls_ending(finish_reason: str | None) -> str | None:
+    """OpenAI's reason for an answer that calls tools (a cut one stays `length`)."""
+    return "tool_calls" if finish_reason == "stop" else finish_reason
+
+
+class ChoiceDeltas:
+    """One choice's stream: text passes through, or through its tool-call reader."""
+
+    def __init__(self, body: ChatCompletionRequest, reader: CallReader | None) -> None:
+        self.body = body
+        self.reader = reader
+        self.calls = 0
+
+    def __call__(self, index: int, output: RequestOutput) -> dict | None:
+        delta: dict = {"content": output.text} if output.text else {}
+        ending = output_ending(output, self.body.return_temperatures)
+        if self.reader is not None:
+            delta = self._read(output)
+            if self.calls:
+                ending["finish_reason"] = _calls_ending(ending["finish_reason"])
+        if not (delta or output.finished or (self.body.logprobs and output.logprobs)
+                or output.temperatures):
+            return None
+        return {"index": index, "delta": delta,
+                "logprobs": chat_logprobs(output.logprobs) if self.body.logprobs else None,
+                **ending}
+
+    def _read(self, output: RequestOutput) -> dict:
+        read = self.reader.feed(output.text)
+        if output.finished:
+            read = read.merge(self.reader.finish())
+        delta: dict = {"content": read.content} if read.content else {}
+        if read.calls:
+            delta["tool_calls"] = [{"index": self.calls + i, **tool_call(c)}
+                                   for i, c in enumerate(read.calls)]
+            self.calls += len(read.calls)
+        return delta
 
 
 def stream_chat(ctx: ServingContext, call: Call[ChatCompletionRequest]) -> AsyncIterator[str]:
@@ -57,7 +102,11 @@ def stream_chat(ctx: ServingContext, call: Call[ChatCompletionRequest]) -> Async
               "logprobs": None, "finish_reason": None}  # role first, once per choice
              for index in range(len(call.streams))]
     prompt_tokens = len(call.translated.requests[0].prompt_ids)
-    return stream_choices(ctx, call, CHUNK, roles, partial(_delta, call.body), prompt_tokens)
+    tool_format = call.translated.tool_format
+    choices = [ChoiceDeltas(call.body, tool_format.reader() if tool_format else None)
+               for _ in call.streams]
+    return stream_choices(ctx, call, CHUNK, roles,
+                          lambda index, output: choices[index](index, output), prompt_tokens)
 
 
 CHAT = Route(ChatCompletionRequest, "chatcmpl", chat_requests, stream_chat, chat_response)

@@ -13,6 +13,7 @@ from steerserve.decoding.sampling.params import MAX_TOP_LOGPROBS
 from steerserve.server.schemas.base import Strict
 from steerserve.server.schemas.steering import Steering
 from steerserve.server.schemas.structured import GuidedFields, ResponseFormat
+from steerserve.server.schemas.tools import MAX_TOOLS, ChatTool, ToolCall, ToolChoice
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -50,9 +51,11 @@ class TextPart(Strict):
 
 
 class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS)  # assistant's
+    tool_call_id: str | None = Field(None, max_length=128)  # a tool message's
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -144,11 +147,11 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    # Accepted so a client can send them; anything but the default is refused in the route.
+    # A request-supplied template is refused unless --allow-request-chat-template.
     chat_template: str | None = None
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
-    parallel_tool_calls: bool | None = None
+    tools: list[ChatTool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None  # default: "auto" with tools, else "none"
+    parallel_tool_calls: bool = True
 
 
 class CompletionRequest(SamplingFields):

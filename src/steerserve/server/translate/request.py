@@ -15,17 +15,20 @@ from steerserve.decoding.request import EngineRequest, LaneSpec
 from steerserve.decoding.sampling.adaptive import AdaptiveTemperature
 from steerserve.decoding.sampling.grammar import Grammar
 from steerserve.server.context import Served, ServingContext, resolve_reference
+from steerserve.server.errors import APIError
 from steerserve.server.schemas.requests import (
     ChatCompletionRequest,
     CompletionRequest,
     SamplingFields,
 )
+from steerserve.server.tools.formats import ToolFormat, format_for
 from steerserve.server.translate.adaptive import resolve_adaptive
 from steerserve.server.translate.decoding import PromptFor, RequestPlanner, resolve_method
 from steerserve.server.translate.lora import resolve_lora
 from steerserve.server.translate.sampling import (
     Limits,
     chat_prompt,
+    chat_template,
     check_chat_extras,
     check_common,
     check_completion_extras,
@@ -34,7 +37,8 @@ from steerserve.server.translate.sampling import (
     sampling_params,
 )
 from steerserve.server.translate.steering import resolve_steering
-from steerserve.server.translate.structured import body_constraint
+from steerserve.server.translate.structured import Constraint, body_constraint
+from steerserve.server.translate.tools import check_tools, reads_calls, tool_constraint
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class Translated:
     served: Served
     requests: list[EngineRequest]  # one per choice, in choice order
     decoding: dict | None  # the method's fields as the client set them (reported back)
+    tool_format: ToolFormat | None = None  # set when the answer is read for tool calls
 
 
 @dataclass(frozen=True)
@@ -55,14 +60,13 @@ class _Shared:
     grammar: Grammar | None  # the output constraint, compiled
 
 
-def _shared(ctx: ServingContext, body: SamplingFields) -> _Shared:
-    served = resolve_lora(ctx, resolve_reference(ctx, body.model), body.lora)
+def _shared(ctx: ServingContext, body: SamplingFields, served: Served,
+            constraint: Constraint | None) -> _Shared:
     limits = Limits.of(served.info, ctx.settings)
     check_common(body, limits)
     steering = resolve_steering(body.steering, ctx.vectors, served.info.shape,
                                 served.info.device, ctx.saes)
     adaptive = resolve_adaptive(body, ctx.temperature_heads, served.info.shape.hidden_size)
-    constraint = body_constraint(body)
     grammar = ctx.grammars.compile(served.info, constraint) if constraint else None
     return _Shared(served, limits, steering, adaptive, grammar)
 
@@ -73,22 +77,41 @@ def _planner(ctx: ServingContext, shared: _Shared, prompt: list[int], prompt_for
     return RequestPlanner(ctx, base, prompt_for, scoring, chat, seed)
 
 
+def _served(ctx: ServingContext, body: SamplingFields) -> Served:
+    return resolve_lora(ctx, resolve_reference(ctx, body.model), body.lora)
+
+
+def _one_constraint(body: SamplingFields, tools: Constraint | None) -> Constraint | None:
+    asked = body_constraint(body)
+    if asked is not None and tools is not None:
+        raise APIError(400, f"tool_choice and {asked.param} both constrain the output; "
+                       "set one", "tool_choice")
+    return asked or tools
+
+
 def chat_requests(ctx: ServingContext, body: ChatCompletionRequest,
                   request_id: str) -> Translated:
-    shared = _shared(ctx, body)
+    served = _served(ctx, body)
     check_chat_extras(body, ctx.settings.allow_request_chat_template)
-    prompt = chat_prompt(shared.served.info.tokenizer, body)
+    check_tools(body)
+    tool_format = format_for(ctx.settings.tool_call_parser,
+                             chat_template(served.info.tokenizer, body))
+    constraint = _one_constraint(body, tool_constraint(body, tool_format))
+    shared = _shared(ctx, body, served, constraint)
+    prompt = chat_prompt(shared.served.info.tokenizer, body, tool_format)
     requested = body.max_completion_tokens or body.max_tokens
     max_tokens = completion_budget(requested, len(prompt), shared.limits, "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
     planner = _planner(ctx, shared, prompt, lambda model, _: chat_prompt(
-        ctx.engine.models[model].tokenizer, body), scoring=False, chat=True, seed=body.seed)
+        ctx.engine.models[model].tokenizer, body, tool_format), scoring=False, chat=True,
+        seed=body.seed)
     method, given = resolve_method(ctx, body.decoding, planner)
     requests = [EngineRequest(f"{request_id}-{i}", tuple(prompt), sampling_params(
         body, max_tokens, top, shared.limits.vocab_size, choice=i, adaptive=shared.adaptive,
         grammar=shared.grammar),
         method) for i in range(body.n)]
-    return Translated(shared.served, requests, given)
+    return Translated(shared.served, requests, given,
+                      tool_format if reads_calls(body) else None)
 
 
 def _lane_prompts(ctx: ServingContext, served: Served, prompt: list[int]) -> PromptFor:
@@ -109,7 +132,7 @@ def _lane_prompts(ctx: ServingContext, served: Served, prompt: list[int]) -> Pro
 
 def completion_requests(ctx: ServingContext, body: CompletionRequest,
                         request_id: str) -> Translated:
-    shared = _shared(ctx, body)
+    shared = _shared(ctx, body, _served(ctx, body), body_constraint(body))
     check_completion_extras(body)
     prompts = completion_prompts(shared.served.info.tokenizer, body, shared.limits.vocab_size)
     scoring = body.logprobs if body.echo and body.logprobs is not None else None

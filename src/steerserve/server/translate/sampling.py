@@ -15,6 +15,8 @@ from steerserve.server.schemas.requests import (
     SamplingFields,
 )
 from steerserve.server.settings import ServerSettings
+from steerserve.server.tools.formats import ToolFormat
+from steerserve.server.tools.prompt import conversation
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,6 @@ def check_chat_extras(req: ChatCompletionRequest, allow_template: bool) -> None:
     if req.chat_template is not None and not allow_template:
         raise APIError(400, "request-supplied chat templates are disabled on this server",
                        "chat_template")
-    if req.tools or req.tool_choice not in (None, "none"):
-        raise APIError(400, "tool calling is not supported by this server", "tools")
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
 
@@ -114,17 +114,21 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None, 
     )
 
 
-def chat_prompt(tokenizer, req: ChatCompletionRequest) -> list[int]:
-    """Render with the model's own template, or the request's where the server allows it
-    (transformers renders in a Jinja sandbox). A template that fails is the request's
-    problem: a 400, never a 500."""
-    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                for m in req.messages]
+def chat_template(tokenizer, req: ChatCompletionRequest) -> str:
     template = req.chat_template or getattr(tokenizer, "chat_template", None)
     if template is None:
         raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
+    return template
+
+
+def chat_prompt(tokenizer, req: ChatCompletionRequest, tool_format: ToolFormat) -> list[int]:
+    """Render with the model's own template, or the request's where the server allows it
+    (transformers renders in a Jinja sandbox), tools as server/tools/prompt.py says. A
+    template that fails is the request's problem: a 400, never a 500."""
+    template = chat_template(tokenizer, req)
+    messages, tools = conversation(req, template, tool_format)
     try:
-        ids = tokenizer.apply_chat_template(messages, chat_template=template,
+        ids = tokenizer.apply_chat_template(messages, tools=tools, chat_template=template,
                                             add_generation_prompt=True, tokenize=True,
                                             return_dict=False)
     except Exception as exc:  # Jinja errors, raise_exception(), odd message orders
