@@ -148,11 +148,10 @@ def bad(client, **fields) -> dict:
 @pytest.mark.parametrize(("fields", "param"), [
     ({"previous_response_id": "resp_123"}, "previous_response_id"),
     ({"store": True}, "store"),
-    ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"conversation": "conv_1"}, "conversation"),
     ({"background": True}, "background"),
-    ({"text": {"format": {"type": "json_object"}}}, "text"),
+    ({"text": {"format": {"type": "json_object"}, "verbosity": "low"}}, "text"),
     ({"truncation": "auto"}, "truncation"),
     ({"include": ["message.output_text.logprobs"]}, "include"),
     ({"extra_body": {"n": 2}}, "n"),  # not a Responses field
@@ -249,3 +248,66 @@ def test_a_failure_is_a_500_or_a_failed_stream(faulty_server):
     assert "injected fault" in events[-2].message and events[-1].response.status == "failed"
     assert "injected fault" in events[-1].response.error.message
     assert faulty_server.post("/v1/responses", {**body, "decoding": None}).status_code == 200
+
+
+# ---- structured output and function tools --------------------------------------------------------
+POINT = {"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9},
+                                          "label": {"enum": ["a", "b"]}},
+         "required": ["x", "label"], "additionalProperties": False}
+MOVE = {"type": "function", "name": "move", "description": "Move to a point",
+        "parameters": POINT}
+
+
+def test_text_format_json_schema_constrains_the_output(client):
+    out = client.responses.create(model="tiny", input=PROMPT, max_output_tokens=200,
+                                  temperature=1.0, extra_body={"seed": 4}, text={"format": {
+                                      "type": "json_schema", "name": "point", "schema": POINT,
+                                      "strict": True}})
+    point = json.loads(out.output_text)
+    assert set(point) == {"x", "label"} and 0 <= point["x"] <= 9 and point["label"] in "ab"
+    assert out.text.format.type == "json_schema"
+
+
+def test_required_function_tools_become_function_call_items(client):
+    out = client.responses.create(model="tiny", input=PROMPT, max_output_tokens=200,
+                                  temperature=1.0, extra_body={"seed": 2}, tools=[MOVE],
+                                  tool_choice="required", parallel_tool_calls=False)
+    [call] = out.output
+    assert call.type == "function_call" and call.name == "move" and call.status == "completed"
+    assert call.call_id.startswith("call_") and set(json.loads(call.arguments)) == {"x", "label"}
+    assert out.tools[0].name == "move" and out.tool_choice == "required"
+
+
+def test_streamed_function_calls_equal_the_whole_response(client):
+    fields = {"model": "tiny", "input": PROMPT, "max_output_tokens": 200, "temperature": 1.0,
+              "extra_body": {"seed": 6}, "tools": [MOVE], "tool_choice": "required"}
+    whole = client.responses.create(**fields)
+    events = list(client.responses.create(**fields, stream=True))
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    arguments = [e.arguments for e in events
+                 if e.type == "response.function_call_arguments.done"]
+    assert [(i.name, i.arguments) for i in done] == [(i.name, i.arguments)
+                                                     for i in whole.output]
+    assert arguments == [i.arguments for i in whole.output]
+    assert [i.arguments for i in events[-1].response.output] == arguments
+
+
+def test_function_call_outputs_return_to_the_model(client):
+    call = {"type": "function_call", "call_id": "call_9", "name": "move",
+            "arguments": '{"x": 3, "label": "a"}'}
+    result = {"type": "function_call_output", "call_id": "call_9", "output": "moved to 3"}
+    plain = greedy(client, 4, tools=[MOVE])
+    out = greedy(client, 4, tools=[MOVE], input=[{"role": "user", "content": PROMPT}, call,
+                                                 result])
+    assert out.usage.input_tokens > plain.usage.input_tokens + 15
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"tools": [{"type": "web_search"}]}, "tools.0.type"),
+    ({"tools": [{**MOVE, "name": "no spaces allowed"}]}, "tools.0.name"),
+    ({"tools": [MOVE], "tool_choice": {"type": "function", "name": "jump"}}, "tool_choice"),
+    ({"text": {"format": {"type": "json_schema", "name": "p", "schema": {"type": "strin"}}}},
+     "text.format.schema"),
+])
+def test_bad_tools_and_formats_name_the_field(client, fields, param):
+    assert bad(client, **fields)["param"] == param

@@ -33,6 +33,7 @@ from steerserve.server.schemas.responses import (
     as_responses_error,
     parse_responses,
 )
+from steerserve.server.tools.formats import CallReader, Delta, ParsedCall
 from steerserve.server.translate.request import Translated, chat_requests
 
 
@@ -61,16 +62,24 @@ async def create_response(request: Request, ctx: ServingContext):
     shape = Shape(response_id, f"msg_{uuid.uuid4().hex}", int(time.time()), body, chat,
                   translated.decoding)
     prompt_tokens = len(translated.requests[0].prompt_ids)
+    reader = translated.tool_format.reader() if translated.tool_format else None
     if body.stream:
-        return EventSourceResponse(stream_response(ctx, shape, streams, prompt_tokens), ping=15)
+        return EventSourceResponse(stream_response(ctx, shape, streams, prompt_tokens, reader),
+                                   ping=15)
     results = await collect(ctx, streams, request)
     failed = failed_response(results)
     if failed is not None:
         return failed
     result = results[0]
+    status = _status(result.finish_reason)
+    if reader is None:
+        output = [shape.message(status, result.text)]
+    else:
+        read = reader.read_all(result.text)
+        output = [shape.message(status, read.content)] if read.content else []
+        output += [shape.function_call(call, status) for call in read.calls]
     return JSONResponse(shape.response(
-        _status(result.finish_reason), result.text,
-        usage(result.prompt_tokens or prompt_tokens, result.completion_tokens)))
+        status, output, usage(result.prompt_tokens or prompt_tokens, result.completion_tokens)))
 
 
 def _status(finish_reason: str | None) -> str:
@@ -104,26 +113,29 @@ class Shape:
         return {"type": "message", "id": self.item_id, "status": status, "role": "assistant",
                 "content": [] if text is None else [text_part(text)]}
 
-    def response(self, status: str, text: str | None = None, usage_block: dict | None = None,
+    def function_call(self, call: ParsedCall, status: str) -> dict:
+        return {"type": "function_call", "id": f"fc_{uuid.uuid4().hex}",
+                "call_id": f"call_{uuid.uuid4().hex[:24]}", "name": call.name,
+                "arguments": call.arguments, "status": status}
+
+    def response(self, status: str, output: list[dict] = (), usage_block: dict | None = None,
                  error: dict | None = None) -> dict:
         body, chat = self.body, self.chat
         done = status in ("completed", "incomplete")
-        item_status = "in_progress" if status == "in_progress" else status
-        output = [] if text is None else [self.message(
-            "incomplete" if item_status == "failed" else item_status, text)]
         response = {
             "id": self.id, "object": "response", "created_at": self.created_at,
             "status": status, "background": False, "error": error,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete"
             else None,
             "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
-            "max_tool_calls": body.max_tool_calls, "model": body.model, "output": output,
+            "max_tool_calls": body.max_tool_calls, "model": body.model, "output": list(output),
             "parallel_tool_calls": True if body.parallel_tool_calls is None
             else body.parallel_tool_calls,
             "previous_response_id": None, "reasoning": None, "store": False,
             "temperature": 1.0 if chat.temperature is None else chat.temperature,
-            "text": {"format": {"type": "text"}},
-            "tool_choice": body.given("tool_choice") or "auto", "tools": [],
+            "text": {"format": (body.given("text") or {}).get("format") or {"type": "text"}},
+            "tool_choice": _dumped(body.tool_choice) or "auto",
+            "tools": [tool.model_dump(exclude_none=True) for tool in body.tools or []],
             "top_p": 1.0 if chat.top_p is None else chat.top_p, "truncation": "disabled",
             "usage": usage_block, "user": chat.user, "metadata": chat.metadata or {},
             "completed_at": int(time.time()) if done else None,
@@ -133,38 +145,113 @@ class Shape:
         return response
 
 
-async def stream_response(ctx: ServingContext, shape: Shape, streams: list[RequestStream],
-                          prompt_tokens: int) -> AsyncIterator[dict]:
-    numbers = itertools.count()
+def _dumped(value) -> str | dict | None:
+    return value.model_dump() if hasattr(value, "model_dump") else value
 
-    def event(kind: str, **fields) -> dict:
-        data = {"type": kind, "sequence_number": next(numbers), **fields}
+
+class ResponseEvents:
+    """One response's event stream: the message item (opened at once without tools, at its
+    first text with them) and a function_call item for each call as it completes."""
+
+    def __init__(self, shape: Shape, reader: CallReader | None) -> None:
+        self.shape = shape
+        self.reader = reader
+        self.numbers = itertools.count()
+        self.items: list[dict] = []  # finished function_call items, by output index
+        self.message_index: int | None = None
+        self.text = ""
+
+    def event(self, kind: str, **fields) -> dict:
+        data = {"type": kind, "sequence_number": next(self.numbers), **fields}
         return {"event": kind, "data": json.dumps(data, ensure_ascii=False)}
 
-    where = {"item_id": shape.item_id, "output_index": 0, "content_index": 0}
-    yield event("response.created", response=shape.response("in_progress"))
-    yield event("response.in_progress", response=shape.response("in_progress"))
-    yield event("response.output_item.added", output_index=0,
-                item=shape.message("in_progress", None))
-    yield event("response.content_part.added", **where, part=text_part(""))
-    text, finish_reason, output_tokens = "", None, 0
+    @property
+    def where(self) -> dict:
+        return {"item_id": self.shape.item_id, "output_index": self.message_index,
+                "content_index": 0}
+
+    def opening(self) -> list[dict]:
+        events = [self.event(f"response.{kind}", response=self.shape.response("in_progress"))
+                  for kind in ("created", "in_progress")]
+        return events + (self.open_message() if self.reader is None else [])
+
+    def open_message(self) -> list[dict]:
+        self.message_index = len(self.items)
+        self.items.append({})  # the message's place, filled at the end
+        return [self.event("response.output_item.added", output_index=self.message_index,
+                           item=self.shape.message("in_progress", None)),
+                self.event("response.content_part.added", **self.where, part=text_part(""))]
+
+    def add(self, text: str, finished: bool) -> list[dict]:
+        read = Delta(text)
+        if self.reader is not None:
+            read = self.reader.feed(text)
+            read = read.merge(self.reader.finish()) if finished else read
+        events = []
+        if read.content:
+            if self.message_index is None:
+                events += self.open_message()
+            self.text += read.content
+            events.append(self.event("response.output_text.delta", **self.where,
+                                     delta=read.content, logprobs=[]))
+        for call in read.calls:
+            events += self.call_events(call)
+        return events
+
+    def call_events(self, call: ParsedCall) -> list[dict]:
+        index, item = len(self.items), self.shape.function_call(call, "in_progress")
+        where = {"item_id": item["id"], "output_index": index}
+        self.items.append({**item, "status": "completed"})
+        return [self.event("response.output_item.added", output_index=index,
+                           item={**item, "arguments": ""}),
+                self.event("response.function_call_arguments.delta", **where,
+                           delta=call.arguments),
+                self.event("response.function_call_arguments.done", **where,
+                           arguments=call.arguments),
+                self.event("response.output_item.done", output_index=index,
+                           item=self.items[index])]
+
+    def closing(self, status: str) -> list[dict]:
+        if self.message_index is None:
+            return []
+        message = self.items[self.message_index] = self.shape.message(status, self.text)
+        return [self.event("response.output_text.done", **self.where, text=self.text,
+                           logprobs=[]),
+                self.event("response.content_part.done", **self.where,
+                           part=text_part(self.text)),
+                self.event("response.output_item.done", output_index=self.message_index,
+                           item=message)]
+
+    def partial_output(self) -> list[dict]:
+        """What a failed response had produced."""
+        output = [item for item in self.items if item]
+        if self.message_index is not None:
+            output.insert(self.message_index, self.shape.message("incomplete", self.text))
+        return output
+
+
+async def stream_response(ctx: ServingContext, shape: Shape, streams: list[RequestStream],
+                          prompt_tokens: int, reader: CallReader | None
+                          ) -> AsyncIterator[dict]:
+    events = ResponseEvents(shape, reader)
+    for event in events.opening():
+        yield event
+    finish_reason, output_tokens = None, 0
     async for _, output in run_choices(ctx, streams):
         if output.failure is not None:
             error = {"code": "server_error", "message": output.failure.message}
-            yield event("error", **error, param=None)
-            yield event("response.failed", response=shape.response("failed", text,
-                                                                   error=error))
+            yield events.event("error", **error, param=None)
+            yield events.event("response.failed", response=shape.response(
+                "failed", events.partial_output(), error=error))
             return
-        if output.text:
-            text += output.text
-            yield event("response.output_text.delta", **where, delta=output.text, logprobs=[])
+        for event in events.add(output.text, output.finished):
+            yield event
         if output.finished:
             finish_reason = output.finish_reason.value if output.finish_reason else None
             output_tokens = output.completion_tokens
             prompt_tokens = output.prompt_tokens or prompt_tokens
     status = _status(finish_reason)
-    yield event("response.output_text.done", **where, text=text, logprobs=[])
-    yield event("response.content_part.done", **where, part=text_part(text))
-    yield event("response.output_item.done", output_index=0, item=shape.message(status, text))
-    yield event(f"response.{status}", response=shape.response(
-        status, text, usage(prompt_tokens, output_tokens)))
+    for event in events.closing(status):
+        yield event
+    yield events.event(f"response.{status}", response=shape.response(
+        status, [item for item in events.items if item], usage(prompt_tokens, output_tokens)))
