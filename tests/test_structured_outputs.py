@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from steerserve.decoding.model.info import ModelInfo
+from steerserve.decoding.sampling.grammar import GrammarMask, grammar_mask
 from steerserve.decoding.sampling.params import SamplingParams
-from steerserve.decoding.sampling.sampler import RowState, forbid_outside_grammar, sample
+from steerserve.decoding.sampling.sampler import RowState, sample
 from steerserve.server.schemas.requests import ChatCompletionRequest
 from steerserve.server.translate.structured import GrammarCache, body_constraint
 from tests.engine_helpers import Collector, run_to_completion
@@ -179,28 +180,49 @@ def test_mixed_batch_gives_each_request_its_tokens_alone(llama):
     assert alone["constrained"] != alone["plain"]
 
 
+def _mask(blocked: torch.Tensor, constrained: list[bool]) -> GrammarMask:
+    return GrammarMask(blocked, torch.tensor(constrained))
+
+
 def test_grammar_mask_leaves_adaptive_temperature_to_the_model():
     """EDT reads the model's distribution before the grammar: the same temperature with and
-    without a mask; the token drawn lies inside the mask."""
+    without a mask; the token drawn lies inside the mask, and so does a greedy row's."""
     from steerserve.decoding.sampling.adaptive import AdaptiveTemperature
-    logits = torch.randn(1, 64, generator=torch.Generator().manual_seed(0))
-    blocked = torch.ones(64, dtype=torch.bool)
-    blocked[[3, 17, 40]] = False
-    params = SamplingParams(adaptive=AdaptiveTemperature("edt", t0=0.8, theta=0.5, n=0.8),
-                            temperature=0.8)
-    free = sample(logits.clone(), [RowState(params, generator=torch.Generator())])
-    masked = sample(logits.clone(), [RowState(params, generator=torch.Generator(),
-                                              blocked=blocked)])
+    logits = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
+    blocked = torch.ones(2, 64, dtype=torch.bool)
+    blocked[:, [3, 17, 40]] = False
+    edt = SamplingParams(adaptive=AdaptiveTemperature("edt", t0=0.8, theta=0.5, n=0.8),
+                         temperature=0.8)
+    rows = [RowState(edt, generator=torch.Generator()),
+            RowState(SamplingParams(temperature=0.0))]
+    free = sample(logits.clone(), rows)
+    masked = sample(logits.clone(), rows, _mask(blocked, [True, True]))
     assert torch.equal(free.temperatures, masked.temperatures)
-    assert masked.tokens.item() in (3, 17, 40)
+    assert masked.tokens.tolist()[0] in (3, 17, 40) and masked.tokens.tolist()[1] in (3, 17, 40)
 
 
 def test_a_row_with_nothing_left_draws_inside_its_grammar():
     logits = torch.full((2, 8), float("-inf"))
     logits[:, 0] = 1.0  # a method's plausibility cut kept only token 0, which the grammar bans
-    blocked = torch.tensor([True, True, False, True, False, True, True, True])
-    rows = [RowState(SamplingParams(temperature=0.0), blocked=blocked),
-            RowState(SamplingParams(temperature=0.0))]
-    forbid_outside_grammar(logits, rows)
-    assert logits[0].isfinite().tolist() == (~blocked).tolist()
-    assert logits[1, 0] == 1.0
+    blocked = torch.tensor([[True, True, False, True, False, True, True, True],
+                            [False] * 8])
+    _mask(blocked, [True, False]).apply_(logits)
+    assert logits[0].isfinite().tolist() == (~blocked[0]).tolist()
+    assert logits[1, 0] == 1.0 and logits[1, 1:].isneginf().all()
+
+
+def test_the_unpacked_mask_is_llguidance_own(llama):
+    """Bit order: the tokens allowed are exactly those llguidance's own torch helper keeps."""
+    import llguidance.torch
+    grammar = _grammar(llama, {"guided_regex": "(ab|x[0-9]+|hello)"})
+    state = grammar.start()
+    width = llama.model.config.vocab_size + 40  # a wider batch: the tail is forbidden
+    mask = grammar_mask([None, state], width, torch.device("cpu"))
+    bitmask = llguidance.torch.allocate_token_bitmask(1, grammar.vocab_size)
+    llguidance.torch.fill_next_token_bitmask(state.matcher, bitmask)
+    reference = torch.zeros(1, grammar.vocab_size)
+    llguidance.torch.apply_token_bitmask_inplace(reference, bitmask)
+    expected = torch.ones(width, dtype=torch.bool)
+    expected[:grammar.vocab_size] = reference[0].isneginf()
+    assert torch.equal(mask.blocked[1], expected) and not mask.blocked[0].any()
+    assert mask.constrained.tolist() == [False, True] and (~mask.blocked[1]).sum() >= 3

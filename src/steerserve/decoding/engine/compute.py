@@ -18,7 +18,7 @@ from steerserve.decoding.model.forward import Results
 from steerserve.decoding.model.hosted import HostedModel
 from steerserve.decoding.model.slot_table import Lane
 from steerserve.decoding.sampling.adaptive import head_choices
-from steerserve.decoding.sampling.grammar import blocked_tokens
+from steerserve.decoding.sampling.grammar import grammar_mask
 from steerserve.decoding.sampling.sampler import RowState, sample
 
 
@@ -75,9 +75,9 @@ class StepComputer:
         width = max(self.models[s.request.model].info.vocab_size for s in requests)
         logits = next_token_rows(members, self.early_exits, width)
         given = head_choices(requests, [view.hidden(0) for view in views], joining)
-        blocked = blocked_tokens([s.grammar for s in requests], width, logits.device)
-        result = sample(logits, [RowState(s.params, s.history, s.generator, t, b)
-                                 for s, t, b in zip(requests, given, blocked, strict=True)])
+        grammar = grammar_mask([s.grammar for s in requests], width, logits.device)
+        result = sample(logits, [RowState(s.params, s.history, s.generator, t)
+                                 for s, t in zip(requests, given, strict=True)], grammar)
         tokens, temperatures = result.tokens.tolist(), result.temperatures.tolist()
         chosen = result.logprobs.tolist() if result.logprobs is not None else None
         top_ids = result.top_ids.tolist() if result.top_ids is not None else None

@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 
 import llguidance
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -47,24 +48,42 @@ class GrammarState:
         return self.matcher.is_stopped() or self.matcher.is_error()
 
 
-def blocked_tokens(states: list[GrammarState | None], width: int,
-                   device: torch.device) -> list[torch.Tensor | None]:
-    """Per row, a (width,) bool tensor of the tokens its grammar forbids now (None: no
-    grammar). Tokens past a row's vocabulary are forbidden; a broken grammar allows only
-    what llguidance allows after an error (its end-of-sequence tokens)."""
-    constrained = [i for i, state in enumerate(states) if state is not None]
-    if not constrained:
-        return [None] * len(states)
-    bitmask = torch.zeros(len(constrained), (width + 31) // 32, dtype=torch.int32)
-    for row, index in enumerate(constrained):
-        words = bitmask[row, :(states[index].vocab_size + 31) // 32]  # contiguous
-        states[index].matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
-    bits = torch.arange(32, dtype=torch.int32)
-    allowed = ((bitmask.unsqueeze(-1) >> bits) & 1).view(len(constrained), -1)[:, :width]
-    blocked = (allowed == 0).to(device)
-    for row, index in enumerate(constrained):
-        blocked[row, states[index].vocab_size:] = True
-    rows: list[torch.Tensor | None] = [None] * len(states)
-    for row, index in enumerate(constrained):
-        rows[index] = blocked[row]
-    return rows
+@dataclass(frozen=True)
+class GrammarMask:
+    """One step's grammar constraint over a batch."""
+
+    blocked: torch.Tensor  # (B, V) bool: tokens a row's grammar forbids (none for free rows)
+    constrained: torch.Tensor  # (B,) bool: rows with a grammar
+
+    def rows(self, index: list[int]) -> GrammarMask:
+        return GrammarMask(self.blocked[index], self.constrained[index])
+
+    def apply_(self, logits: torch.Tensor) -> None:
+        """-inf on every forbidden token, in one pass. A row whose allowed tokens were all
+        -inf already (a method's plausibility cut) draws uniformly among them instead, so it
+        always has a token to take."""
+        logits.masked_fill_(self.blocked, float("-inf"))
+        empty = torch.isneginf(logits.amax(dim=-1)) & self.constrained
+        if bool(empty.any()):
+            logits[empty] = torch.zeros_like(logits[empty]).masked_fill(self.blocked[empty],
+                                                                        float("-inf"))
+
+
+def grammar_mask(states: list[GrammarState | None], width: int,
+                 device: torch.device) -> GrammarMask | None:
+    """The batch's mask (None when no row has a grammar): each constrained row's allowed-token
+    bitmask from llguidance, unpacked at once; tokens past a row's vocabulary are forbidden."""
+    if all(state is None for state in states):
+        return None
+    words = (width + 31) // 32
+    bitmask = torch.full((len(states), words), -1, dtype=torch.int32)  # free rows: all allowed
+    for row, state in enumerate(states):
+        if state is not None:
+            bitmask[row] = 0
+            own = bitmask[row, :(state.vocab_size + 31) // 32]  # contiguous
+            state.matcher.unsafe_compute_mask_ptr(own.data_ptr(), own.numel() * 4)
+    # Bit i of word j is token 32 j + i: little-endian bytes, each unpacked low bit first.
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
+    allowed = torch.from_numpy(bits).view(torch.bool)[:, :width]
+    constrained = torch.tensor([state is not None for state in states])
+    return GrammarMask((~allowed).to(device), constrained.to(device))

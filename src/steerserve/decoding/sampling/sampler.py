@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from steerserve.decoding.sampling.grammar import GrammarMask
 from steerserve.decoding.sampling.history import TokenHistory
 from steerserve.decoding.sampling.history import rows as stacked
 from steerserve.decoding.sampling.params import SamplingParams
@@ -29,7 +30,6 @@ class RowState:
     history: TokenHistory | None = None  # logit bias and penalty rows, when the row has any
     generator: torch.Generator | None = None  # set for seeded rows: independent of the batch
     given_temperature: float | None = None  # this step's choice of a learned head
-    blocked: torch.Tensor | None = None  # (V,) bool: tokens the row's grammar forbids now
 
 
 @dataclass(frozen=True)
@@ -71,32 +71,6 @@ def apply_penalties(logits: torch.Tensor, rows: list[RowState]) -> None:
         presence = logits.new_tensor([rows[i].params.presence_penalty for i in counted])
         logits[counted] -= (frequency.unsqueeze(1) * counts
                             + presence.unsqueeze(1) * (counts > 0).to(logits.dtype))
-
-
-def forbid_outside_grammar(logits: torch.Tensor, rows: list[RowState]) -> None:
-    """In place: -inf on every token a constrained row's grammar forbids. A row whose allowed
-    tokens were all -inf already (a method's plausibility cut) draws uniformly among them,
-    so it always has a token to take."""
-    picked = [i for i, r in enumerate(rows) if r.blocked is not None]
-    if not picked:
-        return
-    blocked = torch.stack([rows[i].blocked for i in picked])
-    allowed = logits[picked].masked_fill(blocked, float("-inf"))
-    empty = torch.isneginf(allowed).all(dim=-1)
-    if bool(empty.any()):
-        allowed[empty] = torch.zeros_like(allowed[empty]).masked_fill(blocked[empty],
-                                                                      float("-inf"))
-    logits[picked] = allowed
-
-
-def _grammar_argmax(logits: torch.Tensor, rows: list[RowState], tokens: torch.Tensor,
-                    among: list[int]) -> None:
-    """Greedy tokens of the constrained rows in `among`, chosen inside their grammars."""
-    picked = [i for i in among if rows[i].blocked is not None]
-    if picked:
-        allowed = logits[picked]
-        forbid_outside_grammar(allowed, [rows[i] for i in picked])
-        tokens[picked] = allowed.argmax(dim=-1)
 
 
 CANDIDATES = 256  # tokens ranked per row before truncating; a row that may keep more sorts all
@@ -174,35 +148,46 @@ def logprob_summary(logprobs: torch.Tensor, tokens: torch.Tensor, rows: list[Row
     return chosen, top_ids, top_values
 
 
-def sample(logits: torch.Tensor, rows: list[RowState]) -> SampleResult:
+def sample(logits: torch.Tensor, rows: list[RowState],
+           grammar: GrammarMask | None = None) -> SampleResult:
     """logits: (B, V) float32, modified in place."""
     if any(r.history is not None for r in rows):
         apply_logit_bias(logits, rows)
         apply_penalties(logits, rows)
     wants_logprobs = any(r.params.logprobs is not None for r in rows)
     logprobs = logits.log_softmax(dim=-1) if wants_logprobs else None
+    if grammar is not None and not any(r.params.adaptive for r in rows):
+        grammar.apply_(logits)  # before a fixed temperature is the same as after it
+        grammar = None
     tokens = logits.argmax(dim=-1)
-    _grammar_argmax(logits, rows, tokens, [i for i, r in enumerate(rows) if r.params.greedy])
+    greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+    if grammar is not None and greedy:  # adaptive rows read the logits before the grammar
+        inside = logits[greedy]
+        grammar.rows(greedy).apply_(inside)
+        tokens[greedy] = inside.argmax(dim=-1)
     temperatures = torch.zeros(len(rows), device=logits.device)
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if sampled:
-        tokens[sampled], temperatures[sampled] = sample_rows(logits[sampled],
-                                                             [rows[i] for i in sampled])
+        tokens[sampled], temperatures[sampled] = sample_rows(
+            logits[sampled], [rows[i] for i in sampled],
+            grammar.rows(sampled) if grammar is not None else None)
     if logprobs is None:
         return SampleResult(tokens, None, None, None, temperatures)
     return SampleResult(tokens, *logprob_summary(logprobs, tokens, rows), temperatures)
 
 
-def sample_rows(logits: torch.Tensor, rows: list[RowState]) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_rows(logits: torch.Tensor, rows: list[RowState], grammar: GrammarMask | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens and temperatures of rows that sample. logits (B, V) may be modified."""
     if not any(r.params.adaptive for r in rows):
         temperature = torch.tensor([r.params.temperature for r in rows], device=logits.device)
         logits = logits / temperature.unsqueeze(1)
-        forbid_outside_grammar(logits, rows)
+        if grammar is not None:
+            grammar.apply_(logits)
         if any(r.params.truncates for r in rows):
             logits = logits.masked_fill(truncation_mask(logits, rows), float("-inf"))
         return draw(logits.softmax(dim=-1), rows), temperature
-    return sample_adaptive(logits, rows)
+    return sample_adaptive(logits, rows, grammar)
 
 
 def _kernel_args(rows: list[RowState], device: torch.device) -> list[torch.Tensor]:
@@ -225,17 +210,19 @@ def _kernel_args(rows: list[RowState], device: torch.device) -> list[torch.Tenso
                                                                             param_b))]
 
 
-def sample_adaptive(logits: torch.Tensor,
-                    rows: list[RowState]) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_adaptive(logits: torch.Tensor, rows: list[RowState],
+                    grammar: GrammarMask | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     first = [i for i, r in enumerate(rows) if _truncates_first(r)]
     if first:  # llama.cpp's chain: grammar, then truncation, then dynatemp
         kept, first_rows = logits[first], [rows[i] for i in first]
-        forbid_outside_grammar(kept, first_rows)
+        if grammar is not None:
+            grammar.rows(first).apply_(kept)
         logits[first] = kept.masked_fill(truncation_mask(kept, first_rows), float("-inf"))
     greedy_tokens = logits.argmax(dim=-1)
     temperature = adaptive_temperature(logits, *_kernel_args(rows, logits.device))
-    forbid_outside_grammar(logits, rows)
-    _grammar_argmax(logits, rows, greedy_tokens, list(range(len(rows))))
+    if grammar is not None:  # after the temperature: it reads the model's own distribution
+        grammar.apply_(logits)
+        greedy_tokens = torch.where(grammar.constrained, logits.argmax(dim=-1), greedy_tokens)
     after = [r.params.truncates and not _truncates_first(r) for r in rows]
     if any(after):
         removed = truncation_mask(logits, rows)  # (B, V), in place: no row copies
