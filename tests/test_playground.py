@@ -334,6 +334,35 @@ def test_the_request_shown_as_curl_and_python_runs(page, server):
 
 
 @pytest.mark.slow
+def test_a_json_schema_typed_into_the_page_shapes_the_answer(page):
+    schema = {"type": "object", "properties": {"mood": {"enum": ["calm", "glad"]}},
+              "required": ["mood"], "additionalProperties": False}
+    greedy(page, max_tokens=40)
+    fill(page, "json-schema", json.dumps(schema))
+    send(page, "How are you?")
+    [answer] = answers(page)
+    assert answer["state"] == "done" and json.loads(answer["text"])["mood"] in ("calm", "glad")
+    assert request_body(page)["response_format"]["json_schema"]["schema"] == schema
+    fill(page, "json-schema", "{not json")  # sent as typed: the server names the field
+    send(page, "Again?")
+    assert "response_format.json_schema.schema" in by_id(page, "error-text").text
+
+
+def test_tools_typed_into_the_page_show_the_call(page):
+    tool = {"type": "function", "function": {"name": "ping", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
+                                               "maximum": 9}},
+        "required": ["n"], "additionalProperties": False}}}
+    greedy(page, max_tokens=60)
+    fill(page, "tools", json.dumps([tool]))
+    choose(page, "tool-choice", "required")
+    send(page, "Ping the server.")
+    [answer] = answers(page)
+    [call] = answer["element"].find_elements(By.CSS_SELECTOR, ".tool-call")
+    assert re.fullmatch(r'→ ping\(\{"n": [0-9]\}\)', call.text), call.text
+    assert severe(page) == []
+
+
 def test_readme_screenshot_with_smollm2(browser, artifacts):
     """docs/playground.png: the embedded model, a joyful vector extracted on the page from
     the shipped pairs, and the same question without and with it."""

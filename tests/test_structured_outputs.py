@@ -126,6 +126,8 @@ BAD = [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
      "response_format.json_schema.schema"),
     ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": "no"}}},
+     "response_format.json_schema.schema"),
     ({"structured_outputs": {"grammar": "start: (("}}, "structured_outputs.grammar"),
     ({"guided_grammar": "root ::= ("}, "guided_grammar"),
     ({"structured_outputs": {"regex": "[0-9"}}, "structured_outputs.regex"),

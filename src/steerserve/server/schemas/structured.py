@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Discriminator, Field, Tag
 
 from steerserve.server.schemas.base import Strict
 
@@ -37,8 +37,14 @@ class JsonSchemaResponseFormat(Strict):
     json_schema: JsonSchemaFormat
 
 
-ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaResponseFormat,
-                          Field(discriminator="type")]
+def _format_kind(value: Any) -> str | None:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return f"[{kind}]"  # bracketed: error locations drop it, as they drop union members' names
+
+
+ResponseFormat = Annotated[
+    Annotated[TextFormat, Tag("[text]")] | Annotated[JsonObjectFormat, Tag("[json_object]")]
+    | Annotated[JsonSchemaResponseFormat, Tag("[json_schema]")], Discriminator(_format_kind)]
 
 
 class StructuredOutputs(Strict):

@@ -18,6 +18,17 @@ function numberOr(id) {
 }
 
 // "10-15" -> {start, end}; "3, 5" -> [3, 5]; "" -> undefined (the server's default).
+// A box's JSON, or its text as typed so the server says what is wrong (undefined: empty).
+function jsonOrText(id) {
+  const text = $(id).value.trim();
+  if (!text) return undefined;
+  try {
+    return JSON.parse(text);
+  } catch {
+    return text;
+  }
+}
+
 export function parseLayers(text) {
   const value = text.trim();
   const range = /^(\d+)\s*-\s*(\d+)$/.exec(value);
@@ -218,12 +229,27 @@ export class Settings {
       ? { method: $("temp-method").value, ...this.temperatureForm.read() } : undefined;
   }
 
-  // The sampling fields every request shares (with or without the settings above).
+  // The sampling fields every request shares (with or without the settings above), with
+  // the output format and tools: a compared pair shows the same schema steered and not.
   sampling() {
     return {
       max_tokens: numberOr("max-tokens"), temperature: numberOr("temperature"),
-      top_p: numberOr("top-p"), seed: numberOr("seed"),
+      top_p: numberOr("top-p"), seed: numberOr("seed"), ...this.structured(),
     };
+  }
+
+  structured() {
+    const fields = {};
+    const schema = jsonOrText("json-schema");
+    if (schema !== undefined) {
+      fields.response_format = { type: "json_schema", json_schema: { name: "answer", schema } };
+    }
+    const tools = jsonOrText("tools");
+    if (tools !== undefined) {
+      fields.tools = tools;
+      fields.tool_choice = $("tool-choice").value;
+    }
+    return fields;
   }
 
   // The request's extensions: steering, decoding method and adaptive temperature.

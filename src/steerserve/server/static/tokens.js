@@ -46,6 +46,7 @@ export class AnswerView {
       token: record.token, logprob: record.logprob, temperature: temperatures[i],
     }));
     this.tokens += records.length || (text ? 1 : 0);
+    for (const call of (choice.delta && choice.delta.tool_calls) || []) this.toolCall(call);
     if (!text) return;
     if (!this.pending.length) {
       this.content.append(text);
@@ -53,6 +54,12 @@ export class AnswerView {
       this.spans(text, this.pending);
       this.pending = [];
     }
+  }
+
+  // A tool call arrives whole (its name and JSON arguments), shown as a line of its own.
+  toolCall(call) {
+    const { name, arguments: args } = call.function;
+    this.content.append(el("div", { class: "tool-call", text: `→ ${name}(${args})` }));
   }
 
   // The server's text is what is shown; it is split over the tokens when their own strings
