@@ -11,6 +11,13 @@ import httpx
 import pytest
 import torch
 
+from steerserve.adapters.steering.spec import (
+    ApplyTo,
+    SteerEdit,
+    SteeringSpec,
+    SteerMode,
+    SteerTarget,
+)
 from steerserve.decoding.model.info import ModelInfo
 from steerserve.decoding.sampling.grammar import GrammarMask, grammar_mask
 from steerserve.decoding.sampling.params import SamplingParams
@@ -93,6 +100,22 @@ def test_vllm_constraints_on_chat_and_completions(tiny_server, fields, check, pa
     assert choice["finish_reason"] == "stop"
 
 
+def test_logprobs_and_stop_strings_compose(tiny_server):
+    reply = post(tiny_server, CHAT, {"messages": [{"role": "user", "content": "Go."}],
+                                     "max_tokens": 200, "temperature": 0.9, "seed": 3,
+                                     "logprobs": True, "top_logprobs": 2,
+                                     "guided_regex": "[a-z]{2,6}( [a-z]{2,6}){1,4}"})
+    choice = reply.json()["choices"][0]
+    tokens = choice["logprobs"]["content"]
+    assert "".join(t["token"] for t in tokens) == choice["message"]["content"]
+    assert all(len(t["top_logprobs"]) == 2 and t["logprob"] <= 0 for t in tokens)
+    stopped = post(tiny_server, CHAT, {"messages": [{"role": "user", "content": "Go."}],
+                                       "max_tokens": 50, "stop": ["b"],
+                                       "guided_regex": "a{2,3}b[0-9]{5}"}).json()["choices"][0]
+    assert stopped["finish_reason"] == "stop" and re.fullmatch("a{2,3}",
+                                                               stopped["message"]["content"])
+
+
 def test_max_tokens_cut_is_length(tiny_server):
     text, finish = chat_text(tiny_server, max_tokens=5, temperature=0.0, response_format={
         "type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
@@ -159,24 +182,32 @@ def _grammar(model, fields: dict):
 
 
 def test_mixed_batch_gives_each_request_its_tokens_alone(llama):
-    """Greedy: constrained, plain and penalised requests in one batch each get exactly the
-    tokens they get alone; the constrained one follows its regex."""
+    """Greedy: constrained, plain, steered and penalised requests in one batch each get
+    exactly the tokens they get alone; the constrained one follows its regex."""
     grammar = _grammar(llama, {"guided_regex": "[a-z ]{3,40}"})
-    prompts = {"constrained": [1, 5, 9, 200], "plain": [1, 7, 300], "other": [1, 8, 8, 8, 42]}
+    steering = SteeringSpec((SteerEdit(0, SteerTarget.RESIDUAL, torch.ones(64), 2.0,
+                                       SteerMode.ADD, False, ApplyTo.BOTH),))
+    prompts = {"constrained": [1, 5, 9, 200], "plain": [1, 7, 300], "other": [1, 8, 8, 8, 42],
+               "steered": [1, 7, 300]}
     params = {"constrained": SamplingParams(max_tokens=50, temperature=0.0, grammar=grammar),
               "plain": SamplingParams(max_tokens=12, temperature=0.0),
-              "other": SamplingParams(max_tokens=12, temperature=0.0, presence_penalty=1.0)}
+              "other": SamplingParams(max_tokens=12, temperature=0.0, presence_penalty=1.0),
+              "steered": SamplingParams(max_tokens=12, temperature=0.0)}
+    steerings = {"steered": steering}
     engine = make_engine(llama)
     alone = {}
     for name in prompts:
         collector = Collector()
-        collector.submit(engine, name, prompts[name], params[name])
+        collector.submit(engine, name, prompts[name], params[name],
+                         steering=steerings.get(name))
         run_to_completion(engine)
         alone[name] = collector.tokens(name)
     together = Collector()
     for name in prompts:
-        together.submit(engine, name, prompts[name], params[name])
+        together.submit(engine, name, prompts[name], params[name],
+                        steering=steerings.get(name))
     run_to_completion(engine)
+    assert alone["steered"] != alone["plain"]
     assert {name: together.tokens(name) for name in prompts} == alone
     assert re.fullmatch("[a-z ]{3,40}", together.text("constrained"))
     assert alone["constrained"] != alone["plain"]
