@@ -7,12 +7,26 @@ the first case are what the feature benchmarks report.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Callable
 
 from bench_client import run_level
 from bench_servers import log
 
 BodyFactory = Callable[[str], dict]
+
+
+def numbered_bodies(model: str, max_tokens: int, extra: Callable[[int], dict]) -> BodyFactory:
+    """Streamed greedy chat bodies of `max_tokens` tokens; request i adds `extra(i)`."""
+    index = itertools.count()
+
+    def body(prompt: str) -> dict:
+        return {"model": model, "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
+                "temperature": 0, "stream_options": {"include_usage": True},
+                **extra(next(index))}
+
+    return body
 
 
 def run_interleaved(url: str, cases: dict[str, Callable[[], BodyFactory]], concurrency: int,

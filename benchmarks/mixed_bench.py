@@ -14,14 +14,13 @@ runs alone (its share of the mix, the rest plain), to tell which one costs. Not 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_cases import ratio_table, run_interleaved  # noqa: E402
+from bench_cases import numbered_bodies, ratio_table, run_interleaved  # noqa: E402
 from bench_servers import ManagedServer, free_port  # noqa: E402
 from lora_bench import write_adapter  # noqa: E402
 from steering_bench import MODEL, write_vectors  # noqa: E402
@@ -47,16 +46,7 @@ def mixed_extra(i: int, vectors: int, kinds: tuple[str, ...]) -> dict:
 
 
 def bodies(kinds: tuple[str, ...], max_tokens: int, vectors: int):
-    index = itertools.count()
-
-    def body(prompt: str) -> dict:
-        i = next(index)
-        base = {"model": MODEL, "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
-                "temperature": 0, "stream_options": {"include_usage": True}}
-        return base | mixed_extra(i, vectors, kinds)
-
-    return body
+    return numbered_bodies(MODEL, max_tokens, lambda i: mixed_extra(i, vectors, kinds))
 
 
 def main() -> None:

@@ -16,7 +16,6 @@ budget and every step has its full batch. Not a test: minutes.
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_cases import ratio_table, run_interleaved  # noqa: E402
+from bench_cases import numbered_bodies, ratio_table, run_interleaved  # noqa: E402
 from bench_servers import ManagedServer, free_port  # noqa: E402
 
 from steerserve.decoding.engine.core import Engine, EngineConfig  # noqa: E402
@@ -119,19 +118,11 @@ def engine_table(batches: list[int], rounds: int) -> str:
 
 
 def bodies(share: float, max_tokens: int):
-    index = itertools.count()
-
-    def body(prompt: str) -> dict:
-        i = next(index)
-        base = {"model": MODEL, "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
-                "temperature": 0, "stream_options": {"include_usage": True}}
-        if (i % 4) < share * 4:
-            base["response_format"] = {"type": "json_schema",
-                                       "json_schema": {"name": "rows", "schema": ROWS}}
-        return base
-
-    return body
+    """Of every four requests, `share` of them constrained to ROWS."""
+    constrained = {"response_format": {"type": "json_schema",
+                                       "json_schema": {"name": "rows", "schema": ROWS}}}
+    return numbered_bodies(MODEL, max_tokens,
+                           lambda i: constrained if (i % 4) < share * 4 else {})
 
 
 def serving_table(concurrency: int, max_tokens: int, repeats: int) -> str:
