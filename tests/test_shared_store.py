@@ -1,13 +1,18 @@
 """--shared-store without Ray: two independent servers over one store directory (what a
 Kubernetes Deployment behind a Service runs) see each other's vectors, including replacing
-and deleting one."""
+and deleting one; names never leave the store, and a bad file in it harms no route."""
 
 from __future__ import annotations
 
+import copy
+
 import httpx
 import pytest
+import torch
+from peft import LoraConfig, get_peft_model
 
 from tests.support import API_KEY, LiveServer
+from tests.tiny_models import tiny_llama
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 BODY = {"model": "tiny", "prompt": "The capital of France is", "max_tokens": 8,
@@ -53,3 +58,77 @@ def test_a_vector_written_by_one_server_is_used_replaced_and_deleted_on_the_othe
         == 200
     again = [complete(server).json()["choices"][0]["text"] for server in pair]
     assert again[0] == again[1] != steered[0].json()["choices"][0]["text"]
+
+
+# ---- names that become files, and store files that are not what they should be ------------------
+@pytest.fixture(scope="module")
+def admin(tiny_model_dir, tmp_path_factory, tokenizer):
+    """A server with runtime adapters over a store; `outside` is a directory beside the store
+    that no request may touch."""
+    base = tmp_path_factory.mktemp("names")
+    store, adapters, outside = base / "store", base / "adapters", base / "outside"
+    outside.mkdir()
+    (outside / "victim.json").write_text('{"keep": true}')
+    torch.manual_seed(3)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)
+    get_peft_model(copy.deepcopy(tiny_llama(len(tokenizer))), config).save_pretrained(
+        adapters / "one")
+    server = LiveServer(["--model", str(tiny_model_dir), "--served-model-name", "tiny",
+                         "--dtype", "float32", "--shared-store", str(store),
+                         "--allow-runtime-lora", "--adapter-dir", str(adapters),
+                         "--allow-runtime-vectors"], api_key=API_KEY)
+    yield server, store, outside
+    server.stop()
+
+
+def post(server, path: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{server.base_url}{path}", json=body, headers=HEADERS, timeout=60)
+
+
+def files_under(directory) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*")
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("name", ["../outside/victim", "../../victim", "a/b", "..", ".hidden",
+                                  "x" * 129, "ok\nname"])
+def test_an_adapter_name_that_is_not_a_name_changes_nothing(admin, name):
+    server, store, outside = admin
+    before = files_under(store.parent)
+    for path, body in (("/v1/load_lora_adapter", {"lora_name": name, "lora_path": "one"}),
+                       ("/v1/unload_lora_adapter", {"lora_name": name})):
+        reply = post(server, path, body)
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "lora_name"
+    assert files_under(store.parent) == before
+    models = httpx.get(f"{server.base_url}/v1/models", headers=HEADERS).json()["data"]
+    assert [m["id"] for m in models] == ["tiny"]
+
+
+def test_unloading_what_is_not_loaded_deletes_nothing(admin):
+    server, store, _ = admin
+    record = store / "loras" / "ghost.json"
+    record.write_text('{"path": "nowhere"}')  # a record this replica could not load
+    reply = post(server, "/v1/unload_lora_adapter", {"lora_name": "ghost"})
+    assert reply.status_code == 404 and record.exists()
+    record.unlink()
+
+
+def test_a_bad_store_file_is_skipped_reported_and_harms_no_route(admin):
+    server, store, _ = admin
+    (store / "loras" / "list.json").write_text("[1, 2]")  # valid JSON, not an object
+    (store / "loras" / "torn.json").write_text('{"pa')
+    (store / "vectors" / "broken.safetensors").write_bytes(b"not a tensor file")
+    for _ in range(2):  # the second request finds the same files: still fine
+        reply = post(server, "/v1/completions", {"model": "tiny", "prompt": "Hi",
+                                                 "max_tokens": 2})
+        assert reply.status_code == 200, reply.text
+    assert post(server, "/v1/load_lora_adapter", {"lora_name": "good",
+                                                  "lora_path": "one"}).status_code == 200
+    status = httpx.get(f"{server.base_url}/v1/shared_store", headers=HEADERS).json()
+    assert set(status["skipped"]) >= {"loras/list.json", "loras/torn.json",
+                                      "vectors/broken.safetensors"}
+    assert "path" in status["skipped"]["loras/list.json"]
+    assert httpx.get(f"{server.base_url}/health").status_code == 200
+    for file in ("list.json", "torn.json"):
+        (store / "loras" / file).unlink()
+    (store / "vectors" / "broken.safetensors").unlink()

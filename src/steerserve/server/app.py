@@ -22,7 +22,7 @@ from steerserve.decoding.sampling.temperature_head import TemperatureHead, load_
 from steerserve.server import guards, openapi
 from steerserve.server.auth import check_admin_key, check_api_key
 from steerserve.server.context import ServingContext
-from steerserve.server.errors import error_response, install_error_handlers
+from steerserve.server.errors import APIError, error_response, install_error_handlers
 from steerserve.server.metrics import Metrics
 from steerserve.server.routes import playground, responses, sae, tokenizer
 from steerserve.server.routes.chat import chat_completions
@@ -198,6 +198,13 @@ def create_app(ctx: ServingContext) -> FastAPI:
     async def unload_adapter(request: Request):
         check_admin_key(request, ctx.settings)
         return await unload_lora(request, ctx)
+
+    @app.get("/v1/shared_store")
+    async def shared_store(request: Request) -> JSONResponse:
+        check_api_key(request, ctx.settings.api_key)
+        if ctx.shared is None:
+            raise APIError(404, "this server has no --shared-store")
+        return JSONResponse({"root": str(ctx.shared.root), "skipped": dict(ctx.shared.skipped)})
 
     add_steering_routes(app, ctx)
     playground.install(app, ctx)

@@ -30,6 +30,7 @@ def served_name(args: argparse.Namespace) -> str | None:
 def parse_named_paths(values: list[str], flag: str, root: str | None = None,
                       named: bool = True) -> tuple[tuple[str, str], ...]:
     """NAME=PATH values; with named=False a bare PATH is named after the model."""
+    from steerserve.adapters.names import NAME_RULE, is_valid_name
     from steerserve.decoding.model.loader import default_model_name
 
     pairs = []
@@ -39,6 +40,8 @@ def parse_named_paths(values: list[str], flag: str, root: str | None = None,
             name, path = default_model_name(value), value
         elif not sep or not name or not path:
             raise SystemExit(f"{flag} expects NAME=PATH, got '{value}'")
+        elif named and not is_valid_name(name):
+            raise SystemExit(f"{flag} {value}: the name must be {NAME_RULE}")
         if root and not Path(path).is_absolute():
             path = str(Path(root) / path)
         pairs.append((name, path))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from steerserve.adapters.lora.files import AdapterError, resolve_adapter_path
+from steerserve.adapters.names import is_valid_name, path_for
 from steerserve.adapters.registry import NameTaken
 from steerserve.decoding.sampling.temperature_head import load_temperature_head
 from steerserve.server.errors import APIError
@@ -44,6 +45,17 @@ def _listing(directory: Path) -> Listing:
     return found
 
 
+def _record_path(file: Path) -> str:
+    """An adapter record's `path`: a JSON object with a string `path`, or ValueError."""
+    try:
+        record = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not JSON: {exc}") from exc
+    if not isinstance(record, dict) or not isinstance(record.get("path"), str):
+        raise ValueError('not an object with a string "path"')
+    return record["path"]
+
+
 def _write_json_atomically(path: Path, value: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(value))
@@ -62,36 +74,58 @@ class SharedStore:
         self._lock = threading.Lock()
         self._shared_loras: set[str] = set()  # adapters this replica loaded from loras/
         self._shared_heads: dict[str, tuple[int, int, int]] = {}
+        self.skipped: dict[str, str] = {}  # store file (relative) -> why it is not loaded
 
     # ---- writers (the admin routes of the replica that got the request) ----------------------
     def publish_lora(self, name: str, path: Path) -> None:
-        _write_json_atomically(self.loras / f"{name}.json", {"path": str(path)})
+        _write_json_atomically(path_for(self.loras, name, ".json", "adapter"),
+                               {"path": str(path)})
         with self._lock:
             self._shared_loras.add(name)
 
     def retract_lora(self, name: str) -> None:
-        (self.loras / f"{name}.json").unlink(missing_ok=True)
+        path_for(self.loras, name, ".json", "adapter").unlink(missing_ok=True)
         with self._lock:
             self._shared_loras.discard(name)
 
     # ---- readers -------------------------------------------------------------------------------
     def sync(self, ctx: ServingContext) -> None:
-        """Bring this replica up to date; what does not load is logged and skipped (it is
-        another replica's write, which that replica already checked and answered for)."""
+        """Bring this replica up to date. What does not load (a torn or hand-edited file, a
+        name that is not a name) is logged once per change of its directory, skipped and
+        listed in `skipped` (GET /v1/shared_store); it never fails the request that synced."""
         with self._lock:
             for directory, apply in ((self.vectors, self._sync_vectors),
                                      (self.loras, self._sync_loras),
                                      (self.heads, self._sync_heads)):
                 listing = _listing(directory)
-                if listing != self._seen.get(directory):
+                if listing == self._seen.get(directory):
+                    continue
+                self._seen[directory] = listing
+                prefix = f"{directory.name}/"
+                self.skipped = {k: v for k, v in self.skipped.items()
+                                if not k.startswith(prefix)}
+                try:
                     apply(ctx, listing)
-                    self._seen[directory] = listing
+                except Exception as exc:  # a store fault must not become every route's 500
+                    logger.exception("shared store %s could not be read", directory)
+                    self.skipped[prefix] = f"{type(exc).__name__}: {exc}"
+
+    def _skip(self, file: str, reason: object) -> None:
+        logger.warning("shared store file %s is not loaded: %s", file, reason)
+        self.skipped[file] = str(reason)
 
     def _sync_vectors(self, ctx: ServingContext, _: Listing) -> None:
-        ctx.vectors.sync_directory()
+        for file, reason in ctx.vectors.sync_directory().items():
+            self.skipped[f"vectors/{file}"] = reason
 
     def _sync_loras(self, ctx: ServingContext, listing: Listing) -> None:
-        wanted = {name.removesuffix(".json") for name in listing if name.endswith(".json")}
+        wanted = set()
+        for file in listing:
+            name = file.removesuffix(".json")
+            if file.endswith(".json") and is_valid_name(name):
+                wanted.add(name)
+            else:
+                self._skip(f"loras/{file}", "not NAME.json with a valid adapter name")
         for name in sorted(self._shared_loras - wanted):
             ctx.engine.unload_adapter(name)
             self._shared_loras.discard(name)
@@ -102,17 +136,17 @@ class SharedStore:
             try:
                 self._load_lora(ctx, name)
                 self._shared_loras.add(name)
-            except (APIError, AdapterError, NameTaken, OSError, ValueError, KeyError) as exc:
-                logger.warning("shared LoRA adapter '%s' is not loaded: %s", name, exc)
+            except (APIError, AdapterError, NameTaken, OSError, ValueError) as exc:
+                self._skip(f"loras/{name}.json", exc)
 
     def _load_lora(self, ctx: ServingContext, name: str) -> None:
         from steerserve.server.routes.lora import register  # routes import this module
 
-        record = json.loads((self.loras / f"{name}.json").read_text())
+        adapter_path = _record_path(path_for(self.loras, name, ".json", "adapter"))
         root = Path(ctx.settings.adapter_dir) if ctx.settings.adapter_dir else None
         if root is None or not ctx.engine.lora_enabled:
             raise AdapterError("this replica has no --adapter-dir or no LoRA slots")
-        register(ctx, name, resolve_adapter_path(str(record["path"]), root))
+        register(ctx, name, resolve_adapter_path(adapter_path, root))
 
     def _sync_heads(self, ctx: ServingContext, listing: Listing) -> None:
         files = {name.removesuffix(".safetensors"): stamp for name, stamp in listing.items()
@@ -126,10 +160,11 @@ class SharedStore:
             if name in self._shared_heads or name in ctx.temperature_heads:
                 continue  # loaded already, or a --temperature-head of that name (it wins)
             try:
-                head = load_temperature_head(self.heads / f"{name}.safetensors",
-                                             model.shape.hidden_size)
-            except ValueError as exc:
-                logger.warning("shared temperature head '%s' is not loaded: %s", name, exc)
+                head = load_temperature_head(
+                    path_for(self.heads, name, ".safetensors", "temperature head"),
+                    model.shape.hidden_size)
+            except (ValueError, OSError) as exc:
+                self._skip(f"heads/{name}.safetensors", exc)
                 continue
             ctx.temperature_heads[name] = head.to(model.device)
             self._shared_heads[name] = stamp

@@ -5,19 +5,17 @@ every `*.safetensors` / `*.gguf` in it is loaded at start (name = file stem), an
 a vector deletes its file. Files given on the command line (add_file) are only read: they are
 never copied into the directory nor deleted.
 
-Names become file names, so they are stricter than LoRA adapter names (which only have a 1..128
-length bound): the same length, but letters, digits, '.', '_' and '-' only, not starting with
-'.', so a name can neither leave the directory nor hide as a dotfile.
+Names become file names: adapters/names.py's rule, and the path is checked again where it is
+built.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from steerserve.adapters.errors import AdapterError
+from steerserve.adapters.names import check_name, path_for
 from steerserve.adapters.registry import AdapterRegistry, NameTaken
 from steerserve.adapters.steering.vectors import (
     SUFFIXES,
@@ -28,16 +26,8 @@ from steerserve.adapters.steering.vectors import (
 
 logger = logging.getLogger(__name__)
 
-MAX_NAME_LENGTH = 128  # as for LoRA adapter names (server/schemas/requests.py)
-_NAME = re.compile(rf"[A-Za-z0-9_-][A-Za-z0-9._-]{{0,{MAX_NAME_LENGTH - 1}}}")
-
-
 def check_vector_name(name: str, param: str | None = "name") -> str:
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise AdapterError(f"invalid steering vector name {name!r}: use 1 to {MAX_NAME_LENGTH} "
-                           "letters, digits, '.', '_' or '-', not starting with '.'",
-                           param=param)
-    return name
+    return check_name(name, "steering vector", param)
 
 
 @dataclass(frozen=True)
@@ -93,13 +83,15 @@ class VectorStore:
         self._entries.load(name, lambda: _Entry(load_vector_file(name, path), path, stamp))
         logger.info("loaded steering vector '%s' from %s", name, path)
 
-    def sync_directory(self) -> None:
+    def sync_directory(self) -> dict[str, str]:
         """Catch up with other writers of the directory (replicas sharing it): load new files,
         drop vectors whose file is gone, read again files replaced under the same name. A file
         that does not load is logged and skipped (it is another writer's, not a start-up
-        mistake). Vectors given at start are never touched."""
+        mistake); the skipped files are returned with why. Vectors given at start are never
+        touched."""
+        skipped: dict[str, str] = {}
         if self.directory is None:
-            return
+            return skipped
         present = {}
         for path in self.directory.iterdir():
             if path.suffix.lower() in SUFFIXES and not path.name.startswith("."):
@@ -119,8 +111,10 @@ class VectorStore:
                 self._load_from_directory(name, path)
             except NameTaken:  # this store is writing it right now
                 pass
-            except (AdapterError, OSError) as exc:
+            except Exception as exc:  # another writer's file, whatever is wrong with it
                 logger.warning("steering vector file %s is not loaded: %s", path, exc)
+                skipped[path.name] = f"{type(exc).__name__}: {exc}"
+        return skipped
 
     def add(self, vector: SteeringVector, persist: bool) -> None:
         """Raises NameTaken if the name is in use; with persist (and a directory) the file is
@@ -131,7 +125,7 @@ class VectorStore:
     def _persist(self, vector: SteeringVector, persist: bool) -> _Entry:
         if not persist or self.directory is None:
             return _Entry(vector, None)
-        path = self.directory / f"{vector.name}.safetensors"
+        path = path_for(self.directory, vector.name, ".safetensors", "steering vector")
         save_safetensors(vector, path)
         logger.info("saved steering vector '%s' to %s", vector.name, path)
         return _Entry(vector, path, _stamp(path))

@@ -63,10 +63,11 @@ async def load_lora(request: Request, ctx: ServingContext) -> JSONResponse:
 async def unload_lora(request: Request, ctx: ServingContext) -> JSONResponse:
     _require_runtime_lora(ctx)
     req = await parse_request(request, UnloadLoraRequest, ctx.settings.max_body_bytes)
-    if ctx.shared is not None:
-        await asyncio.to_thread(ctx.shared.retract_lora, req.lora_name)
-    if ctx.engine.unload_adapter(req.lora_name) is None:
+    if ctx.engine.adapters.get(req.lora_name) is None:  # checked before anything changes
         raise APIError(404, f"no adapter named '{req.lora_name}' is loaded", "lora_name",
                        "model_not_found")
+    if ctx.shared is not None:
+        await asyncio.to_thread(ctx.shared.retract_lora, req.lora_name)
+    ctx.engine.unload_adapter(req.lora_name)
     # Lanes already running keep their slot until they finish; new requests get a 404.
     return JSONResponse({"status": "ok", "message": f"adapter '{req.lora_name}' unloaded"})

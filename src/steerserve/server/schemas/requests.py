@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 
 from steerserve.decoding.sampling.params import MAX_TOP_LOGPROBS
-from steerserve.server.schemas.base import Strict
+from steerserve.server.schemas.base import ResourceName, Strict
 from steerserve.server.schemas.steering import Steering
 from steerserve.server.schemas.structured import GuidedFields, ResponseFormat
 from steerserve.server.schemas.tools import MAX_TOOLS, ChatTool, ToolCall, ToolChoice
@@ -164,10 +164,10 @@ class CompletionRequest(SamplingFields):
 
 
 class LoadLoraRequest(Strict):
-    lora_name: str = Field(min_length=1, max_length=128)
+    lora_name: ResourceName
     lora_path: str = Field(min_length=1, max_length=4096)
 
 
 class UnloadLoraRequest(Strict):
-    lora_name: str = Field(min_length=1, max_length=128)
+    lora_name: ResourceName
     lora_int_id: int | None = None  # vLLM clients may send it; names identify adapters here

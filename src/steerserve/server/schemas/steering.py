@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from steerserve.kernels.steering.ops import MAX_ITEMS
-from steerserve.server.schemas.base import Strict
+from steerserve.server.schemas.base import ResourceName, Strict
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 MAX_STEERING_ITEMS = MAX_ITEMS  # a row's items on one layer are one kernel launch (K <= 8)
@@ -54,7 +54,7 @@ Steering = Annotated[list[SteeringItem], Field(min_length=1, max_length=MAX_STEE
 
 
 class ExtractVectorRequest(Strict):
-    name: str = Field(min_length=1, max_length=128)
+    name: ResourceName
     model: str
     positive: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1,
                                                                 max_length=MAX_PAIRS)
