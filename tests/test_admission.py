@@ -62,6 +62,15 @@ def test_a_lane_past_its_own_models_context_is_inadmissible(llama, tokenizer):
 def test_more_adapters_than_lora_slots_is_inadmissible(tokenizer, tmp_path):
     own = from_pretrained_objects(tiny_llama(len(tokenizer)), tokenizer, "base")  # LoRA wraps it
     engine = make_engine(own, max_loras=1, max_lora_rank=4)
+    adapters = _two_adapters(tokenizer, tmp_path, engine)
+    name = engine.primary.name
+    mixture = LogitArithmetic((LaneSpec(name, PROMPT), LaneSpec(name, PROMPT, adapters[0]),
+                               LaneSpec(name, PROMPT, adapters[1])), (1.0, 0.5, 0.5))
+    with pytest.raises(Inadmissible, match="2 LoRA adapters at once.*at most 1"):
+        engine.submit(request(mixture), lambda _: None)
+
+
+def _two_adapters(tokenizer, tmp_path, engine) -> list:
     adapters = []
     for seed in (1, 2):
         torch.manual_seed(seed)
@@ -70,11 +79,41 @@ def test_more_adapters_than_lora_slots_is_inadmissible(tokenizer, tmp_path):
             tmp_path / str(seed))
         adapters.append(load_lora_adapter(str(seed), tmp_path / str(seed),
                                           engine.primary.lora_slots.bank.linears, 4))
-    name = engine.primary.name
-    mixture = LogitArithmetic((LaneSpec(name, PROMPT), LaneSpec(name, PROMPT, adapters[0]),
-                               LaneSpec(name, PROMPT, adapters[1])), (1.0, 0.5, 0.5))
-    with pytest.raises(Inadmissible, match="2 LoRA adapters at once.*at most 1"):
-        engine.submit(request(mixture), lambda _: None)
+    return adapters
+
+
+def test_a_request_waiting_for_an_adapter_slot_lets_plain_ones_pass(tokenizer, tmp_path):
+    """One LoRA slot, pinned by a long request on adapter 1: a request on adapter 2 waits,
+    the plain request behind it runs at once, and a later adapter-1 request keeps its place
+    behind the waiting one (it would pin the slot again and starve it)."""
+    own = from_pretrained_objects(tiny_llama(len(tokenizer)), tokenizer, "base")
+    engine = make_engine(own, max_loras=1, max_lora_rank=4)
+    first, second = _two_adapters(tokenizer, tmp_path, engine)
+    long_run = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    order: list[str] = []
+
+    def submit(request_id: str, adapter, params=GREEDY) -> None:
+        engine.submit(plain_request(engine, request_id, list(PROMPT), params, adapter),
+                      lambda out, rid=request_id: out.finished and order.append(rid))
+
+    submit("holder", first, long_run)
+    engine.step()
+    submit("waiting", second)
+    submit("plain", None)
+    submit("same-adapter", first)
+    while engine.has_work():
+        engine.step()
+    assert order.index("plain") < order.index("holder")  # it did not wait for the slot
+    assert order.index("waiting") < order.index("same-adapter")
+
+
+def test_a_request_larger_than_the_queue_is_a_400(llama):
+    engine = make_engine(llama, max_queue=2)
+    requests = [(plain_request(engine, f"r{i}", list(PROMPT), GREEDY), lambda _: None)
+                for i in range(3)]
+    with pytest.raises(Inadmissible, match="3 choices.*at most 2") as caught:
+        engine.submit_all(requests)
+    assert caught.value.field == "n"
 
 
 # ---- over HTTP ------------------------------------------------------------------------------

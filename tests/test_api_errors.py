@@ -156,3 +156,10 @@ def test_full_queue_is_429(llama):
 
     response = asyncio.run(call())
     assert_openai_error(response, 429, None)
+
+
+def test_a_wrong_method_is_a_405_that_says_which_are_allowed(tiny_server):
+    reply = httpx.get(f"{tiny_server.base_url}{CHAT}", headers=tiny_server.headers(),
+                      timeout=30)
+    assert reply.status_code == 405 and reply.headers["allow"] == "POST"
+    assert reply.json()["error"]["type"] == "invalid_request_error"

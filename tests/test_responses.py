@@ -17,6 +17,7 @@ from steerserve.decoding.methods.base import DecodingMethod, LanePlanner, Mix, l
 from steerserve.decoding.methods.registry import BUILTIN, MethodRegistry
 from steerserve.decoding.request import LaneSpec
 from steerserve.server.app import build_context
+from steerserve.server.schemas.requests import MAX_MESSAGES
 from steerserve.server.settings import ServerSettings
 from tests.inprocess import InProcessServer
 from tests.support import API_KEY
@@ -311,3 +312,10 @@ def test_function_call_outputs_return_to_the_model(client):
 ])
 def test_bad_tools_and_formats_name_the_field(client, fields, param):
     assert bad(client, **fields)["param"] == param
+
+
+def test_too_many_items_with_the_instructions_names_input(client):
+    many = [{"role": "user", "content": "x"}] * MAX_MESSAGES
+    error = bad(client, input=many, instructions="Be brief.")
+    assert error["param"] == "input" and "messages" not in error["message"]
+    assert bad(client, input=many + [{"role": "user", "content": "y"}])["param"] == "input"

@@ -3,6 +3,8 @@ admitted, and freeing them when it leaves (late lanes: decoding/engine/late_lane
 
 from __future__ import annotations
 
+from enum import Enum
+
 import torch
 
 from steerserve.decoding.engine.detokenizer import IncrementalDetokenizer
@@ -11,6 +13,13 @@ from steerserve.decoding.model.hosted import HostedModel
 from steerserve.decoding.model.slot_table import Lane
 from steerserve.decoding.request import EngineRequest, LaneSpec, OutputSink
 from steerserve.decoding.sampling.history import TokenHistory
+
+
+class Wait(Enum):
+    """Why a request cannot be placed now."""
+
+    SLOTS = "KV-cache slots"  # its models' slots are taken: the queue behind it waits too
+    ADAPTER = "LoRA slots"  # every adapter slot is pinned: adapter-free requests may pass
 
 
 class Inadmissible(ValueError):
@@ -69,13 +78,13 @@ class Admission:
                                "decoding")
 
     # ---- engine thread -----------------------------------------------------------------------
-    def place(self, request: EngineRequest, sink: OutputSink) -> Sequence | None:
-        """The request's lanes in free slots of their models; None = wait (no slot now).
+    def place(self, request: EngineRequest, sink: OutputSink) -> Sequence | Wait:
+        """The request's lanes in free slots of their models, or why it must wait.
         Everything that can raise runs before a slot or an adapter is taken."""
         specs = request.lanes
         unique = unique_specs(specs)
         if not self._slots_available(unique, request):
-            return None
+            return Wait.SLOTS
         sequence = self._sequence(request, sink)
         lanes = [Lane(spec) for spec in unique]
         sequence.lanes = [next(lane for lane in lanes if lane.spec.same_as(spec))
@@ -84,7 +93,7 @@ class Admission:
         flag_lanes(sequence)
         lora = self._acquire_lora(unique)
         if lora is None:
-            return None  # every LoRA slot is pinned by running lanes: wait
+            return Wait.ADAPTER  # every LoRA slot is pinned by running lanes
         for lane, slot in zip(lanes, lora, strict=True):
             lane.lora_slot = slot
             hosted = self.models[lane.spec.model]

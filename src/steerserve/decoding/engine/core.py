@@ -20,7 +20,7 @@ import torch
 
 from steerserve.adapters.lora.bank import LoraBank
 from steerserve.adapters.lora.slots import LoraSlots
-from steerserve.decoding.engine.admission import Admission
+from steerserve.decoding.engine.admission import Admission, Inadmissible
 from steerserve.decoding.engine.chunking import prefill_chunk
 from steerserve.decoding.engine.compute import StepComputer
 from steerserve.decoding.engine.inbox import Abort, Call, Message, Submit, Wake
@@ -107,6 +107,9 @@ class Engine:
 
     def submit_all(self, pairs: list[tuple[EngineRequest, OutputSink]]) -> None:
         """Queue all or none: Inadmissible (can never run here), QueueFull, EngineUnavailable."""
+        if len(pairs) > self.config.max_queue:  # waiting could never make room for it
+            raise Inadmissible(f"this request has {len(pairs)} choices; the queue holds at "
+                               f"most {self.config.max_queue} (--max-queue)", "n")
         for request, _ in pairs:
             self.admission.check(request)
         with self._lock:

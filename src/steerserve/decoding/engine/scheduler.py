@@ -2,8 +2,10 @@
 
 Waiting requests are placed (their lanes get slots on their models: `Admission.place`) in
 arrival order while the padded prefill batch stays within budget; a request whose lanes
-cannot all get a slot now waits, and the queue behind it waits too. A request whose placing
-raises is refused in the plan. A prompt longer than the budget waits in `warming` while the
+cannot all get a KV-cache slot now waits, and the queue behind it waits too. A request
+waiting for a LoRA slot lets the adapter-free requests behind it pass (vLLM skips it too);
+requests with adapters keep their order behind it, so it is not starved. A request whose
+placing raises is refused in the plan. A prompt longer than the budget waits in `warming` while the
 engine prefills it a chunk per step (decoding/engine/chunking.py), then joins the running
 ones.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from steerserve.decoding.engine.admission import Admission
+from steerserve.decoding.engine.admission import Admission, Wait
 from steerserve.decoding.engine.chunking import needs_chunks
 from steerserve.decoding.engine.inbox import Submit
 from steerserve.decoding.engine.plan import StepPlan
@@ -51,8 +53,13 @@ class Scheduler:
         refused: list[tuple[Submit, Exception]] = []
         placed = 0
         width = 0
-        while self.waiting:
-            submitted = self.waiting[0]
+        index = 0  # past requests waiting for adapter slots, and those that keep their order
+        adapters_wait = False
+        while index < len(self.waiting):
+            submitted = self.waiting[index]
+            if adapters_wait and _uses_adapters(submitted):
+                index += 1
+                continue
             length = max(len(spec.prompt_ids) for spec in submitted.request.lanes)
             new_width = max(width, length)
             if admitted and new_width * (len(admitted) + 1) > self.max_prefill_tokens:
@@ -60,11 +67,16 @@ class Scheduler:
             try:
                 sequence = self.admission.place(submitted.request, submitted.sink)
             except Exception as exc:  # this request only: the queue goes on
-                refused.append((self.waiting.popleft(), exc))
+                del self.waiting[index]
+                refused.append((submitted, exc))
                 continue
-            if sequence is None:
+            if sequence is Wait.SLOTS:
                 break
-            self.waiting.popleft()
+            if sequence is Wait.ADAPTER:
+                adapters_wait = True
+                index += 1
+                continue
+            del self.waiting[index]
             placed += 1
             if needs_chunks(sequence, self.max_prefill_tokens):
                 self.warming.append(sequence)
@@ -96,3 +108,7 @@ class Scheduler:
         gone = {id(s) for s in leaving}
         self.running = [s for s in self.running if id(s) not in gone]
         self.warming = deque(s for s in self.warming if id(s) not in gone)
+
+
+def _uses_adapters(submitted: Submit) -> bool:
+    return any(spec.adapter is not None for spec in submitted.request.lanes)

@@ -191,8 +191,12 @@ def _chat_param(param: str | None) -> str | None:
 
 
 def as_responses_error(exc: APIError) -> APIError:
-    return APIError(exc.status, exc.message.replace("max_tokens", "max_output_tokens"),
-                    _chat_param(exc.param), exc.code)
+    """A chat error as the Responses body would name it: its field and its message."""
+    param = _chat_param(exc.param)
+    message = exc.message.replace("max_tokens", "max_output_tokens")
+    if exc.param and param != exc.param and message.startswith(f"{exc.param}:"):
+        message = f"{param}:{message[len(exc.param) + 1:]}"
+    return APIError(exc.status, message, param, exc.code)
 
 
 def to_chat(body: ResponsesRequest) -> ChatCompletionRequest:
@@ -208,6 +212,9 @@ def to_chat(body: ResponsesRequest) -> ChatCompletionRequest:
                        "stream_options")
     messages = [{"role": "system", "content": body.instructions}] if body.instructions else []
     messages += chat_messages(body.input)
+    if len(messages) > MAX_MESSAGES:
+        raise APIError(400, f"input: at most {MAX_MESSAGES} items, instructions counted as "
+                       "one", "input")
     chat = {"model": body.model, "messages": messages, "stream": body.stream,
             "max_tokens": body.max_output_tokens, **chat_tools(body), **chat_format(body),
             **{k: v for k, v in extras.items() if k in PASSTHROUGH}}
