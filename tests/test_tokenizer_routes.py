@@ -3,8 +3,16 @@ under /v1, behind the API key, checked against the model's own tokenizer."""
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 import pytest
+
+from steerserve.server.app import build_context
+from steerserve.server.schemas.tokenizer import MAX_TOKENIZE_CHARS
+from steerserve.server.settings import ServerSettings
+from tests.inprocess import InProcessServer
 
 
 @pytest.mark.parametrize("prefix", ["", "/v1"])
@@ -51,3 +59,33 @@ def test_the_api_key_is_required(tiny_server):
     assert httpx.get(f"{tiny_server.base_url}/tokenizer_info", timeout=30).status_code == 401
     assert httpx.post(f"{tiny_server.base_url}/v1/tokenize", json={"prompt": "a"},
                       timeout=30).status_code == 401
+
+
+def test_inputs_are_bounded(tiny_server):
+    url, headers = tiny_server.base_url, tiny_server.headers()
+    big = "a" * (MAX_TOKENIZE_CHARS + 1)
+    for body, param in (({"prompt": big}, "prompt"),
+                        ({"messages": [{"role": "user", "content": big}]}, "messages")):
+        reply = httpx.post(f"{url}/tokenize", headers=headers, json=body, timeout=30)
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == param
+
+
+def test_a_busy_tokenizer_route_never_holds_up_generation(llama):
+    """While the tokenizer routes' worker is held, a chat is parsed, run and answered, and a
+    /tokenize waits for its own worker; released, it answers too."""
+    server = InProcessServer(build_context(ServerSettings(vectors_dir=None), llama))
+    held, release = threading.Event(), threading.Event()
+    server.ctx.tokenizer_worker.submit(lambda: (held.set(), release.wait(60)))
+    held.wait(10)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            tokenized = pool.submit(server.post, "/tokenize", {"prompt": "Hello there"})
+            chat = server.post("/v1/chat/completions", {
+                "model": llama.name, "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 3})
+            assert chat.status_code == 200 and not tokenized.done()
+            release.set()
+            assert tokenized.result(60).json()["count"] > 0
+    finally:
+        release.set()
+        server.stop()

@@ -152,6 +152,7 @@ def create_app(ctx: ServingContext) -> FastAPI:
         yield
         ctx.engine.stop()
         ctx.worker.shutdown(wait=False, cancel_futures=True)
+        ctx.tokenizer_worker.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="steerserve", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_error_handlers(app)

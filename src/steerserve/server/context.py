@@ -43,6 +43,11 @@ class ServingContext:
     # tokenizers must not be used by two threads at once), never on the event loop.
     worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
         1, thread_name_prefix="steerserve-requests"))
+    # The tokenizer routes' own worker, with their own tokenizer copies: a large /tokenize
+    # never queues in front of a generation request's parsing.
+    tokenizer_worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
+        1, thread_name_prefix="steerserve-tokenizer"))
+    route_tokenizers: dict[str, object] = field(default_factory=dict)
     draining: threading.Event = field(default_factory=threading.Event)  # set on SIGTERM
     shared: SharedStore | None = None  # --shared-store: what replicas agree on
     saes: dict[str, SparseAutoencoder] = field(default_factory=dict)  # --sae, fixed at start
@@ -53,6 +58,10 @@ class ServingContext:
 
     async def off_loop(self, work: Callable[..., Result], *args) -> Result:
         return await asyncio.get_running_loop().run_in_executor(self.worker,
+                                                                 partial(work, *args))
+
+    async def on_tokenizer_worker(self, work: Callable[..., Result], *args) -> Result:
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_worker,
                                                                  partial(work, *args))
 
 

@@ -8,31 +8,53 @@
 - GET /tokenizer_info?model= -> the tokenizer's special tokens, chat template and limits
 
 `model` names a hosted model or an adapter (an adapter shares its base's tokenizer). Behind
-the API key like /v1; tokenization runs on the request worker, never on the event loop.
+the API key like /v1. These routes run on a worker of their own with their own copy of each
+tokenizer (fast tokenizers must not be used by two threads at once), answers rendered there
+too: a large /tokenize never waits in front of a generation request's parsing, and the event
+loop never encodes a long answer. Inputs are bounded (MAX_TOKENIZE_CHARS).
 """
 
 from __future__ import annotations
 
+import copy
+import json
+from collections.abc import Callable
+
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from steerserve.decoding.model.info import ModelInfo
 from steerserve.server.auth import check_api_key
 from steerserve.server.body import parse_body, read_body
 from steerserve.server.context import ServingContext, resolve_reference
 from steerserve.server.errors import APIError
-from steerserve.server.schemas.tokenizer import DetokenizeRequest, TokenizeRequest
+from steerserve.server.schemas.tokenizer import (
+    MAX_TOKENIZE_CHARS,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 
 
 def _info(ctx: ServingContext, model: str | None) -> ModelInfo:
     return resolve_reference(ctx, model or ctx.model_name).info
 
 
+def _tokenizer(ctx: ServingContext, info: ModelInfo):
+    """These routes' own copy of the model's tokenizer (made on first use, on their worker)."""
+    tokenizer = ctx.route_tokenizers.get(info.name)
+    if tokenizer is None:
+        tokenizer = ctx.route_tokenizers[info.name] = copy.deepcopy(info.tokenizer)
+    return tokenizer
+
+
 def tokenize(ctx: ServingContext, body: TokenizeRequest) -> dict:
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of 'prompt' and 'messages'", "prompt")
+    if body.messages and sum(len(m.text()) for m in body.messages) > MAX_TOKENIZE_CHARS:
+        raise APIError(400, f"the messages hold more than {MAX_TOKENIZE_CHARS} characters",
+                       "messages")
     info = _info(ctx, body.model)
-    tokenizer = info.tokenizer
+    tokenizer = _tokenizer(ctx, info)
     if body.prompt is not None:
         tokens = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens
                                   is not False)
@@ -50,18 +72,18 @@ def tokenize(ctx: ServingContext, body: TokenizeRequest) -> dict:
 
 
 def detokenize(ctx: ServingContext, body: DetokenizeRequest) -> dict:
-    info = _info(ctx, body.model)
-    vocab = len(info.tokenizer)
+    tokenizer = _tokenizer(ctx, _info(ctx, body.model))
+    vocab = len(tokenizer)
     bad = next((i for i, token in enumerate(body.tokens) if not 0 <= token < vocab), None)
     if bad is not None:
         raise APIError(400, f"token id {body.tokens[bad]} is outside the vocabulary "
                        f"(0..{vocab - 1})", f"tokens.{bad}")
-    return {"prompt": info.tokenizer.decode(body.tokens)}
+    return {"prompt": tokenizer.decode(body.tokens)}
 
 
 def tokenizer_info(ctx: ServingContext, model: str | None) -> dict:
     info = _info(ctx, model)
-    tokenizer = info.tokenizer
+    tokenizer = _tokenizer(ctx, info)
     return {"tokenizer_class": type(tokenizer).__name__,
             "eos_token": tokenizer.eos_token, "bos_token": tokenizer.bos_token,
             "pad_token": tokenizer.pad_token, "unk_token": tokenizer.unk_token,
@@ -69,22 +91,30 @@ def tokenizer_info(ctx: ServingContext, model: str | None) -> dict:
             "model_max_length": info.max_model_len, "vocab_size": len(tokenizer)}
 
 
+def _rendered(answer: Callable[..., dict], *args) -> Callable[[], bytes]:
+    """The route's work, its JSON rendered by the same worker."""
+    return lambda: json.dumps(answer(*args), ensure_ascii=False).encode()
+
+
 def install(app: FastAPI, ctx: ServingContext) -> None:
-    async def tokenize_route(request: Request) -> JSONResponse:
+    async def answer(work: Callable[[], bytes]) -> Response:
+        return Response(await ctx.on_tokenizer_worker(work), media_type="application/json")
+
+    async def tokenize_route(request: Request) -> Response:
         check_api_key(request, ctx.settings.api_key)
         raw = await read_body(request, ctx.settings.max_body_bytes)
-        body = await ctx.off_loop(parse_body, raw, TokenizeRequest)
-        return JSONResponse(await ctx.off_loop(tokenize, ctx, body))
+        body = await ctx.on_tokenizer_worker(parse_body, raw, TokenizeRequest)
+        return await answer(_rendered(tokenize, ctx, body))
 
-    async def detokenize_route(request: Request) -> JSONResponse:
+    async def detokenize_route(request: Request) -> Response:
         check_api_key(request, ctx.settings.api_key)
         raw = await read_body(request, ctx.settings.max_body_bytes)
-        body = await ctx.off_loop(parse_body, raw, DetokenizeRequest)
-        return JSONResponse(await ctx.off_loop(detokenize, ctx, body))
+        body = await ctx.on_tokenizer_worker(parse_body, raw, DetokenizeRequest)
+        return await answer(_rendered(detokenize, ctx, body))
 
-    async def tokenizer_info_route(request: Request, model: str | None = None) -> JSONResponse:
+    async def tokenizer_info_route(request: Request, model: str | None = None) -> Response:
         check_api_key(request, ctx.settings.api_key)
-        return JSONResponse(await ctx.off_loop(tokenizer_info, ctx, model))
+        return await answer(_rendered(tokenizer_info, ctx, model))
 
     for prefix in ("", "/v1"):
         app.add_api_route(f"{prefix}/tokenize", tokenize_route, methods=["POST"])
