@@ -88,12 +88,22 @@ def test_chunks_leave_steering_methods_and_sampling_unchanged(llama, kind):
     assert run(BUDGET) == run(4096)
 
 
-def test_prompt_scoring_is_never_chunked(llama, llama_reference):
+def test_a_scored_prompt_is_chunked_and_its_logprobs_exact(llama, llama_reference):
+    """echo + logprobs: a long scored prompt no longer stalls running streams (a chunk a
+    step, each chunk's logits kept), and every position's logprob is HF's."""
     engine = make_engine(llama, max_prefill_tokens=BUDGET)
     collector = Collector()
-    collector.submit(engine, "scored", LONG, SamplingParams(max_tokens=0, prompt_logprobs=0))
-    engine.step()  # one forward: every position's logits
+    collector.submit(engine, "short", [1, 2, 3], SamplingParams(max_tokens=20, temperature=0.0,
+                                                                ignore_eos=True))
+    engine.step()
+    collector.submit(engine, "scored", LONG, SamplingParams(max_tokens=0, prompt_logprobs=2))
+    for step in range(1, 6):  # five chunks of 8 tokens, the stream going on
+        engine.step()
+        assert len(collector.tokens("short")) == 1 + step
+        assert [s.request_id for s in engine.scheduler.warming] == ["scored"]
+    run_to_completion(engine)
     scored = collector.last("scored").prompt_logprobs
+    assert len(scored) == len(LONG) and all(len(s.top) == 2 for s in scored[1:])
     with torch.no_grad():
         logprobs = llama_reference(torch.tensor([LONG])).logits[0].float().log_softmax(-1)
     for position in range(1, len(LONG)):
@@ -114,3 +124,27 @@ def test_aborting_a_warming_request_frees_its_slots(llama, llama_reference):
     assert collector.tokens("gone") == []
     assert collector.tokens("next") == hf_greedy(llama_reference, LONG[:30], 6)
     assert engine.num_running == 0
+
+
+def test_a_chunked_multi_lane_score_equals_the_whole_one(llama):
+    """Logit arithmetic over a plain and a steered lane, scored: chunked (budget 8) and in one
+    prefill give the same prompt logprobs."""
+    from steerserve.decoding.methods.logit_arithmetic import LogitArithmetic
+
+    def scored(budget: int):
+        engine = make_engine(llama, max_prefill_tokens=budget)
+        name, prompt = engine.primary.name, tuple(LONG)
+        method = LogitArithmetic((LaneSpec(name, prompt), LaneSpec(name, prompt, None,
+                                                                   steering())), (1.5, -0.5))
+        collector = Collector()
+        collector.submit_request(engine, EngineRequest(
+            "r", prompt, SamplingParams(max_tokens=0, prompt_logprobs=1), method))
+        engine.step()
+        assert len(engine.scheduler.warming) == (1 if budget == BUDGET else 0)
+        run_to_completion(engine)
+        return collector.last("r").prompt_logprobs
+
+    chunked, whole = scored(BUDGET), scored(4096)
+    assert [s.token_id for s in chunked] == [s.token_id for s in whole]
+    for mine, theirs in zip(chunked[1:], whole[1:], strict=True):
+        assert mine.logprob == pytest.approx(theirs.logprob, abs=1e-4)

@@ -4,8 +4,10 @@ beside the decode of the running requests, instead of in one forward that stalls
 Its lanes hold their slots meanwhile; each chunk writes keys and values after those already
 in the slot (the prefix cache's offset prefill), and the last part (at most one budget)
 runs as an ordinary prefill when the request joins the running ones, so sampling, late
-lanes and early-exit captures see nothing different. Lanes that score their prompt need
-every position's logits in one forward and are not chunked.
+lanes and early-exit captures see nothing different. A lane that scores its prompt keeps
+each chunk's logits (every position's), and its last prefill puts them before its own. Only a
+lane that scores with early-exit captures (DoLa's prompt scoring, which needs every layer's
+states at every position in one forward) is not chunked.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ def rest(lane: Lane) -> int:
 
 def needs_chunks(s: Sequence, budget: int) -> bool:
     lanes = s.unique_lanes
-    return (not any(lane.wants_prompt_logits for lane in lanes)
+    return (not any(lane.wants_prompt_logits and lane.capture_layers for lane in lanes)
             and max(rest(lane) for lane in lanes) > budget)
 
 

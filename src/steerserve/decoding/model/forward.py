@@ -110,8 +110,15 @@ def prefill(hosted: HostedModel, lanes: list[Lane]) -> Results:
         early = [{layer: h[:n] for layer, h in kept.items()}
                  for kept, n in zip(early, lengths, strict=True)]
     return {lane: LaneResult(out.last_logits[row], out.last_hidden[row],
-                             out.prompt_logits[row], early[row])
+                             _whole_prompt(lane, out.prompt_logits[row]), early[row])
             for row, lane in enumerate(lanes)}
+
+
+def _whole_prompt(lane: Lane, rest: torch.Tensor | None) -> torch.Tensor | None:
+    """A scored lane's (P - 1, V) prompt logits: its chunks' before its last prefill's."""
+    if rest is None or not lane.scored:
+        return rest
+    return torch.cat([*lane.scored, rest])
 
 
 def prefill_part(hosted: HostedModel, lanes: list[Lane], ends: list[int]) -> None:
@@ -122,10 +129,14 @@ def prefill_part(hosted: HostedModel, lanes: list[Lane], ends: list[int]) -> Non
     lengths = [len(p) for p in prompts]
     steering = prefill_plan([lane.spec.steering for lane in lanes], lengths, max(lengths),
                             hosted.loaded.device, ends_prompt=False)
-    hosted.runner.prefill(lanes[0].slot, prompts, [False] * len(lanes),
-                          [lane.lora_slot for lane in lanes], steering,
-                          starts=[lane.reused for lane in lanes])
+    out = hosted.runner.prefill(lanes[0].slot, prompts,
+                                [lane.wants_prompt_logits for lane in lanes],
+                                [lane.lora_slot for lane in lanes], steering,
+                                starts=[lane.reused for lane in lanes])
     width = max(lengths)
-    for lane, end in zip(lanes, ends, strict=True):
+    for row, (lane, end) in enumerate(zip(lanes, ends, strict=True)):
         lane.written = max(lane.written, lane.reused + width)
         lane.reused = end
+        if lane.wants_prompt_logits:  # every position of the chunk predicts a prompt token
+            lane.scored.append(torch.cat([out.prompt_logits[row],
+                                          out.last_logits[row:row + 1]]))

@@ -11,7 +11,9 @@ nothing of requests.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from steerserve.adapters.lora.slots import LoraSlots
 from steerserve.decoding.model.kv_cache import SlotKVCache
@@ -31,6 +33,7 @@ class Lane:
     reused: int = 0  # prompt tokens already in its slot (prefix cache, earlier chunks)
     from_cache: int = 0  # of those, the ones copied from the prefix cache
     written: int = 0  # positions its slot may hold data at (padding included): zeroed on leave
+    scored: list[torch.Tensor] = field(default_factory=list)  # earlier chunks' prompt logits
 
     @property
     def prompt_ids(self) -> tuple[int, ...]:
