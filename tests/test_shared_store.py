@@ -5,6 +5,9 @@ and deleting one; names never leave the store, and a bad file in it harms no rou
 from __future__ import annotations
 
 import copy
+import itertools
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -132,3 +135,74 @@ def test_a_bad_store_file_is_skipped_reported_and_harms_no_route(admin):
     for file in ("list.json", "torn.json"):
         (store / "loras" / file).unlink()
     (store / "vectors" / "broken.safetensors").unlink()
+
+
+@pytest.fixture(scope="module")
+def churn_pair(tiny_model_dir, tmp_path_factory, tokenizer):
+    """Two servers with runtime adapters and vectors over one store."""
+    base = tmp_path_factory.mktemp("churn")
+    store, adapters, outside = base / "store", base / "adapters", base / "outside"
+    outside.mkdir()
+    (outside / "keep.json").write_text("{}")
+    torch.manual_seed(4)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"], init_lora_weights=False)
+    get_peft_model(copy.deepcopy(tiny_llama(len(tokenizer))), config).save_pretrained(
+        adapters / "one")
+    servers = [LiveServer(["--model", str(tiny_model_dir), "--served-model-name", "tiny",
+                           "--dtype", "float32", "--shared-store", str(store),
+                           "--allow-runtime-lora", "--adapter-dir", str(adapters),
+                           "--allow-runtime-vectors"], api_key=API_KEY) for _ in range(2)]
+    yield servers, store, outside
+    for server in servers:
+        server.stop()
+
+
+def churn_traffic(servers, stop: threading.Event, statuses: list[int]) -> None:
+    """Plain, adapter and steered chats on both servers until stopped."""
+    bodies = [{"model": "tiny"}, {"model": "churn"},
+              {"model": "tiny", "steering": [{"vector": "churnv", "scale": 2.0}]}]
+    for i in itertools.count():
+        if stop.is_set():
+            return
+        body = {**bodies[i % 3], "messages": [{"role": "user", "content": f"Hi {i}"}],
+                "max_tokens": 4, "stream": i % 2 == 0}
+        statuses.append(post(servers[i % 2], "/v1/chat/completions", body).status_code)
+
+
+def test_adapter_and_vector_churn_across_two_servers_under_traffic(churn_pair):
+    """Loads, unloads, extractions and deletions through alternating servers while chats
+    run on both: every request answered, none with a 5xx (a churned name may be a 4xx while
+    it is gone), the two servers agree at the end, and nothing outside the store changed."""
+    servers, store, outside = churn_pair
+    before = files_under(outside)
+    statuses: list[int] = []
+    operations: list[int] = []
+    stop = threading.Event()
+    with ThreadPoolExecutor(2) as pool:
+        traffic = [pool.submit(churn_traffic, servers, stop, statuses) for _ in range(2)]
+        for round_index in range(6):
+            first, second = servers[round_index % 2], servers[1 - round_index % 2]
+            operations += [
+                post(first, "/v1/load_lora_adapter", {"lora_name": "churn",
+                                                       "lora_path": "one"}).status_code,
+                extract_named(second, "churnv").status_code,
+                post(second, "/v1/unload_lora_adapter", {"lora_name": "churn"}).status_code,
+                httpx.delete(f"{first.base_url}/v1/steering/vectors/churnv", headers=HEADERS,
+                             timeout=60).status_code]
+        stop.set()
+        for done in traffic:
+            done.result(120)
+    assert statuses and all(status < 500 for status in statuses), statuses
+    assert statuses.count(200) > len(statuses) // 3
+    assert all(status < 500 for status in operations) and operations.count(200) >= 12
+    models = [httpx.get(f"{s.base_url}/v1/models", headers=HEADERS).json()["data"]
+              for s in servers]
+    assert [m["id"] for m in models[0]] == [m["id"] for m in models[1]]
+    assert files_under(outside) == before
+    assert not [p for p in store.rglob(".*")]  # no temporary file left behind
+
+
+def extract_named(server, name: str) -> httpx.Response:
+    return post(server, "/v1/steering/vectors", {
+        "model": "tiny", "name": name, "positive": ["good great"], "negative": ["bad awful"],
+        "method": "mean_diff"})
