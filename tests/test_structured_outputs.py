@@ -161,6 +161,10 @@ BAD = [
     ({"structured_outputs": {}}, "structured_outputs"),
     ({"guided_choice": [""]}, "guided_choice"),
     ({"guided_json": "{not json"}, "guided_json"),
+    ({"guided_json": "[" * 30000 + "]" * 30000}, "guided_json"),  # nests past any parser
+    ({"guided_regex": "a{20000}"}, "guided_regex"),  # would cost ~5 ms of mask every step
+    ({"guided_json": {"type": "string", "pattern": "^(ab){5000}$"}}, "guided_json"),
+    ({"structured_outputs": {"grammar": "start: /x{1,99999}/"}}, "structured_outputs.grammar"),
     ({"guided_json": {"type": "object"}, "guided_regex": "a"}, "guided_regex"),
     ({"response_format": {"type": "json_object"}, "guided_choice": ["a"]}, "guided_choice"),
 ]

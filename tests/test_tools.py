@@ -130,6 +130,9 @@ BAD = [
       "tool_choice": "required"}, "tools"),
     ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
      "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "string", "pattern": "^a{9999}$"}}}}}],
+      "tool_choice": "required"}, "tools"),
 ]
 
 

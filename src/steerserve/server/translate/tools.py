@@ -9,7 +9,7 @@ from steerserve.server.schemas.requests import ChatCompletionRequest
 from steerserve.server.schemas.tools import NamedToolChoice
 from steerserve.server.tools.formats import ToolFormat
 from steerserve.server.tools.prompt import offered_tools
-from steerserve.server.translate.structured import Constraint
+from steerserve.server.translate.structured import Constraint, check_schema_patterns
 
 
 def check_tools(req: ChatCompletionRequest) -> None:
@@ -28,6 +28,9 @@ def tool_constraint(req: ChatCompletionRequest, fmt: ToolFormat) -> Constraint |
     """The grammar of `required` (any listed tool) or of one named function."""
     choice = req.tool_choice
     tools = offered_tools(req)
+    if choice == "required" or isinstance(choice, NamedToolChoice):
+        for tool in tools:
+            check_schema_patterns(tool["function"].get("parameters"), "tools")
     if isinstance(choice, NamedToolChoice):
         named = [t for t in tools if t["function"]["name"] == choice.function.name]
         return Constraint(fmt.grammar(named, parallel=False), "tools")
