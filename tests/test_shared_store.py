@@ -64,18 +64,23 @@ def test_a_vector_written_by_one_server_is_used_replaced_and_deleted_on_the_othe
 
 
 # ---- names that become files, and store files that are not what they should be ------------------
+def store_layout(base, tokenizer, seed: int):
+    """base/store, base/adapters (with a PEFT adapter "one") and base/outside."""
+    store, adapters, outside = base / "store", base / "adapters", base / "outside"
+    outside.mkdir()
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)
+    get_peft_model(copy.deepcopy(tiny_llama(len(tokenizer))), config).save_pretrained(
+        adapters / "one")
+    return store, adapters, outside
+
+
 @pytest.fixture(scope="module")
 def admin(tiny_model_dir, tmp_path_factory, tokenizer):
     """A server with runtime adapters over a store; `outside` is a directory beside the store
     that no request may touch."""
-    base = tmp_path_factory.mktemp("names")
-    store, adapters, outside = base / "store", base / "adapters", base / "outside"
-    outside.mkdir()
+    store, adapters, outside = store_layout(tmp_path_factory.mktemp("names"), tokenizer, 3)
     (outside / "victim.json").write_text('{"keep": true}')
-    torch.manual_seed(3)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)
-    get_peft_model(copy.deepcopy(tiny_llama(len(tokenizer))), config).save_pretrained(
-        adapters / "one")
     server = LiveServer(["--model", str(tiny_model_dir), "--served-model-name", "tiny",
                          "--dtype", "float32", "--shared-store", str(store),
                          "--allow-runtime-lora", "--adapter-dir", str(adapters),
@@ -140,14 +145,8 @@ def test_a_bad_store_file_is_skipped_reported_and_harms_no_route(admin):
 @pytest.fixture(scope="module")
 def churn_pair(tiny_model_dir, tmp_path_factory, tokenizer):
     """Two servers with runtime adapters and vectors over one store."""
-    base = tmp_path_factory.mktemp("churn")
-    store, adapters, outside = base / "store", base / "adapters", base / "outside"
-    outside.mkdir()
+    store, adapters, outside = store_layout(tmp_path_factory.mktemp("churn"), tokenizer, 4)
     (outside / "keep.json").write_text("{}")
-    torch.manual_seed(4)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"], init_lora_weights=False)
-    get_peft_model(copy.deepcopy(tiny_llama(len(tokenizer))), config).save_pretrained(
-        adapters / "one")
     servers = [LiveServer(["--model", str(tiny_model_dir), "--served-model-name", "tiny",
                            "--dtype", "float32", "--shared-store", str(store),
                            "--allow-runtime-lora", "--adapter-dir", str(adapters),
