@@ -319,3 +319,16 @@ def test_too_many_items_with_the_instructions_names_input(client):
     error = bad(client, input=many, instructions="Be brief.")
     assert error["param"] == "input" and "messages" not in error["message"]
     assert bad(client, input=many + [{"role": "user", "content": "y"}])["param"] == "input"
+
+
+def test_max_tool_calls_caps_the_function_calls(client):
+    fields = {"model": "tiny", "input": PROMPT, "max_output_tokens": 300, "temperature": 1.0,
+              "tools": [MOVE], "tool_choice": "required"}
+    def calls(**more) -> int:
+        return len([i for i in client.responses.create(**fields, **more).output
+                    if i.type == "function_call"])
+
+    uncapped = [calls(extra_body={"seed": seed}) for seed in range(3)]
+    assert max(uncapped) > 1  # random weights call again and again
+    assert [calls(max_tool_calls=1, extra_body={"seed": seed}) for seed in range(3)] == [
+        min(n, 1) for n in uncapped]

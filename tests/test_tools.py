@@ -222,3 +222,13 @@ def test_a_template_without_tools_gets_the_written_out_default(tokenizer):
                                  tool_choice="none")
     assert conversation(none, tokenizer.chat_template, Hermes())[0] == [
         {"role": "user", "content": MESSAGES[0]["content"]}]
+
+
+@pytest.mark.parametrize("limit", [0, 1, 2])
+def test_a_limited_reader_keeps_the_first_calls_and_all_the_content(limit):
+    for name, text in TEXTS.items():
+        whole = FORMATS[name].reader().read_all(text)
+        limited = FORMATS[name].open_reader(limit)
+        cut = len(text) // 2
+        read = limited.feed(text[:cut]).merge(limited.feed(text[cut:])).merge(limited.finish())
+        assert read.calls == whole.calls[:limit] and read.content == whole.content

@@ -82,6 +82,9 @@ def grammar_mask(states: list[GrammarState | None], width: int,
             bitmask[row] = 0
             own = bitmask[row, :(state.vocab_size + 31) // 32]  # contiguous
             state.matcher.unsafe_compute_mask_ptr(own.data_ptr(), own.numel() * 4)
+            if state.matcher.is_error():  # it broke (a parser limit): it ends at this token
+                logger.warning("a grammar stopped: %s", state.matcher.get_error()[:200])
+                own.fill_(-1)
     # Bit i of word j is token 32 j + i: little-endian bytes, each unpacked low bit first.
     bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
     allowed = torch.from_numpy(bits).view(torch.bool)[:, :width]

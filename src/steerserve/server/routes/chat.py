@@ -38,9 +38,9 @@ def chat_response(call: Call[ChatCompletionRequest], results: list[ChoiceResult]
     for r in results:
         message: dict = {"role": "assistant", "content": r.text}
         finish_reason = r.finish_reason
-        tool_format = call.translated.tool_format
-        if tool_format is not None:
-            read = tool_format.reader().read_all(r.text)
+        reader = call.translated.call_reader()
+        if reader is not None:
+            read = reader.read_all(r.text)
             message["content"] = read.content or None
             if read.calls:
                 message["tool_calls"] = [tool_call(c) for c in read.calls]
@@ -73,17 +73,17 @@ class ChoiceDeltas:
 
     def __call__(self, index: int, output: RequestOutput) -> dict | None:
         delta: dict = {"content": output.text} if output.text else {}
-        ending = output_ending(output, self.body.return_temperatures)
+        closing = output_ending(output, self.body.return_temperatures)
         if self.reader is not None:
             delta = self._read(output)
             if self.calls:
-                ending["finish_reason"] = _calls_ending(ending["finish_reason"])
+                closing["finish_reason"] = _calls_ending(closing["finish_reason"])
         if not (delta or output.finished or (self.body.logprobs and output.logprobs)
                 or output.temperatures):
             return None
         return {"index": index, "delta": delta,
                 "logprobs": chat_logprobs(output.logprobs) if self.body.logprobs else None,
-                **ending}
+                **closing}
 
     def _read(self, output: RequestOutput) -> dict:
         read = self.reader.feed(output.text)
@@ -102,9 +102,7 @@ def stream_chat(ctx: ServingContext, call: Call[ChatCompletionRequest]) -> Async
               "logprobs": None, "finish_reason": None}  # role first, once per choice
              for index in range(len(call.streams))]
     prompt_tokens = len(call.translated.requests[0].prompt_ids)
-    tool_format = call.translated.tool_format
-    choices = [ChoiceDeltas(call.body, tool_format.reader() if tool_format else None)
-               for _ in call.streams]
+    choices = [ChoiceDeltas(call.body, call.translated.call_reader()) for _ in call.streams]
     return stream_choices(ctx, call, CHUNK, roles,
                           lambda index, output: choices[index](index, output), prompt_tokens)
 

@@ -62,7 +62,7 @@ async def create_response(request: Request, ctx: ServingContext):
     shape = Shape(response_id, f"msg_{uuid.uuid4().hex}", int(time.time()), body, chat,
                   translated.decoding)
     prompt_tokens = len(translated.requests[0].prompt_ids)
-    reader = translated.tool_format.reader() if translated.tool_format else None
+    reader = translated.call_reader(body.max_tool_calls)
     if body.stream:
         return EventSourceResponse(stream_response(ctx, shape, streams, prompt_tokens, reader),
                                    ping=15)

@@ -102,8 +102,32 @@ class CallReader(ABC):
         return self.feed(text).merge(self.finish())
 
 
+class LimitedReader(CallReader):
+    """Another reader's content, and its first `limit` calls only (`parallel_tool_calls:
+    false`; the Responses API's `max_tool_calls`)."""
+
+    def __init__(self, reader: CallReader, limit: int) -> None:
+        self.reader = reader
+        self.left = limit
+
+    def feed(self, text: str) -> Delta:
+        return self._kept(self.reader.feed(text))
+
+    def finish(self) -> Delta:
+        return self._kept(self.reader.finish())
+
+    def _kept(self, delta: Delta) -> Delta:
+        calls = delta.calls[:self.left]
+        self.left -= len(calls)
+        return Delta(delta.content, calls)
+
+
 class ToolFormat(ABC):
     name: str
+
+    def open_reader(self, max_calls: int | None) -> CallReader:
+        reader = self.reader()
+        return reader if max_calls is None else LimitedReader(reader, max_calls)
 
     @abstractmethod
     def instructions(self, tools: list[dict]) -> str:

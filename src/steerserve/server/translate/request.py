@@ -21,7 +21,7 @@ from steerserve.server.schemas.requests import (
     CompletionRequest,
     SamplingFields,
 )
-from steerserve.server.tools.formats import ToolFormat, format_for
+from steerserve.server.tools.formats import CallReader, ToolFormat, format_for
 from steerserve.server.translate.adaptive import resolve_adaptive
 from steerserve.server.translate.decoding import PromptFor, RequestPlanner, resolve_method
 from steerserve.server.translate.lora import resolve_lora
@@ -47,6 +47,14 @@ class Translated:
     requests: list[EngineRequest]  # one per choice, in choice order
     decoding: dict | None  # the method's fields as the client set them (reported back)
     tool_format: ToolFormat | None = None  # set when the answer is read for tool calls
+    max_calls: int | None = None  # calls kept from an answer (None: all)
+
+    def call_reader(self, max_calls: int | None = None) -> CallReader | None:
+        """A reader for one choice's answer; `max_calls` lowers the body's own limit."""
+        if self.tool_format is None:
+            return None
+        limits = [n for n in (self.max_calls, max_calls) if n is not None]
+        return self.tool_format.open_reader(min(limits) if limits else None)
 
 
 @dataclass(frozen=True)
@@ -111,7 +119,8 @@ def chat_requests(ctx: ServingContext, body: ChatCompletionRequest,
         grammar=shared.grammar),
         method) for i in range(body.n)]
     return Translated(shared.served, requests, given,
-                      tool_format if reads_calls(body) else None)
+                      tool_format if reads_calls(body) else None,
+                      None if body.parallel_tool_calls else 1)
 
 
 def _lane_prompts(ctx: ServingContext, served: Served, prompt: list[int]) -> PromptFor:
