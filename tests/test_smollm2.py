@@ -313,3 +313,21 @@ def test_a_tool_round_trip_and_its_stream(client):
     text = answer.choices[0].message.content or ""
     assert answer.choices[0].finish_reason in ("stop", "tool_calls")
     assert "snow" in text.lower() or "-3" in text or answer.choices[0].message.tool_calls
+
+
+def test_urial_answers_end_at_the_closing_fence(client):
+    """The in-context alignment prefix on real weights: the answers are right, and they end by
+    themselves at URIAL's stop strings (no fence or next query left in the text)."""
+    cities = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Egypt": "Cairo",
+              "Spain": "Madrid", "Germany": "Berlin"}
+    ended = 0
+    for country, city in cities.items():
+        reply = client.chat.completions.create(
+            model="SmolLM2-135M-Instruct", max_tokens=96, temperature=0,
+            messages=[{"role": "user", "content": f"What is the capital of {country}?"}],
+            extra_body={"in_context_alignment": "urial", "repetition_penalty": 1.2})
+        text, reason = reply.choices[0].message.content, reply.choices[0].finish_reason
+        assert city in text and "```" not in text and "# Query" not in text
+        assert reply.usage.prompt_tokens > 450  # the prefix is in the prompt
+        ended += reason == "stop"
+    assert ended >= 4  # 135M parameters: some answers still ramble to the token limit

@@ -73,6 +73,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         allowed_origins=_csv(args.allowed_origins), allowed_hosts=_csv(args.allowed_hosts),
         drain_timeout=args.drain_timeout,
         allow_request_chat_template=args.allow_request_chat_template,
+        in_context_alignment=args.in_context_alignment,
         tool_call_parser=args.tool_call_parser, threads=args.threads,
         log_level=args.log_level, loras=parse_loras(args.lora, args.adapter_dir),
         adapter_dir=args.adapter_dir, allow_runtime_lora=args.allow_runtime_lora,

@@ -193,6 +193,12 @@ def add_http_options(parser: argparse.ArgumentParser) -> None:
                        help="largest request body accepted (HTTP 413 beyond)")
     group.add_argument("--allow-request-chat-template", action="store_true",
                        help="accept a 'chat_template' field in chat requests (off: 400)")
+    group.add_argument("--in-context-alignment", default=DEFAULTS.in_context_alignment,
+                       choices=["none", "urial"],
+                       help="how chat requests are rendered by default: none (the model's own "
+                       "chat template), urial (a constant prefix of instructions and three "
+                       "examples that lets a base model answer chat; a request's "
+                       "'in_context_alignment' field overrides it; docs/alignment.md)")
     group.add_argument("--tool-call-parser", default=DEFAULTS.tool_call_parser,
                        choices=["auto", "hermes", "llama3_json"],
                        help="how tool calls are written and read: hermes (<tool_call> JSON "

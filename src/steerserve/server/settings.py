@@ -31,6 +31,7 @@ class ServerSettings:
     allowed_hosts: tuple[str, ...] = ()  # Host values accepted besides loopback names
     drain_timeout: float = 30.0  # seconds SIGTERM waits for requests in flight
     allow_request_chat_template: bool = False
+    in_context_alignment: str = "none"  # none | urial: chat's default rendering
     tool_call_parser: str = "auto"  # auto | hermes | llama3_json
     threads: int | None = None
     loras: tuple[tuple[str, str], ...] = ()  # (name, path) loaded at start

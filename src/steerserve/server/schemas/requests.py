@@ -149,6 +149,7 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     # A request-supplied template is refused unless --allow-request-chat-template.
     chat_template: str | None = None
+    in_context_alignment: Literal["none", "urial"] | None = None  # None: the server's default
     tools: list[ChatTool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: ToolChoice | None = None  # default: "auto" with tools, else "none"
     parallel_tool_calls: bool = True

@@ -36,7 +36,7 @@ from steerserve.server.schemas.tools import MAX_TOOLS
 # Chat fields a Responses body may carry under the same name: every sampling field and
 # extension the chat body has (a new one passes through by itself), less those the Responses
 # API names or handles itself, or whose output it has no place for.
-PASSTHROUGH = frozenset(SamplingFields.model_fields) - {
+PASSTHROUGH = (frozenset(SamplingFields.model_fields) | {"in_context_alignment"}) - {
     "model", "stream", "stream_options", "n", "store", "return_temperatures"}
 
 

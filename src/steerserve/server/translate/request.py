@@ -23,10 +23,12 @@ from steerserve.server.schemas.requests import (
 )
 from steerserve.server.tools.formats import CallReader, ToolFormat, format_for
 from steerserve.server.translate.adaptive import resolve_adaptive
+from steerserve.server.translate.alignment import alignment_stop
 from steerserve.server.translate.decoding import PromptFor, RequestPlanner, resolve_method
 from steerserve.server.translate.lora import resolve_lora
 from steerserve.server.translate.sampling import (
     Limits,
+    chat_alignment,
     chat_prompt,
     chat_template,
     check_chat_extras,
@@ -102,21 +104,22 @@ def chat_requests(ctx: ServingContext, body: ChatCompletionRequest,
     served = _served(ctx, body)
     check_chat_extras(body, ctx.settings.allow_request_chat_template)
     check_tools(body)
+    alignment = chat_alignment(body, ctx.settings.in_context_alignment)
     tool_format = format_for(ctx.settings.tool_call_parser,
-                             chat_template(served.info.tokenizer, body))
+                             chat_template(served.info.tokenizer, body, alignment))
     constraint = _one_constraint(body, tool_constraint(body, tool_format))
     shared = _shared(ctx, body, served, constraint)
-    prompt = chat_prompt(shared.served.info.tokenizer, body, tool_format)
+    prompt = chat_prompt(shared.served.info.tokenizer, body, tool_format, alignment)
     requested = body.max_completion_tokens or body.max_tokens
     max_tokens = completion_budget(requested, len(prompt), shared.limits, "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
     planner = _planner(ctx, shared, prompt, lambda model, _: chat_prompt(
-        ctx.engine.models[model].tokenizer, body, tool_format), scoring=False, chat=True,
-        seed=body.seed)
+        ctx.engine.models[model].tokenizer, body, tool_format, alignment), scoring=False,
+        chat=True, seed=body.seed)
     method, given = resolve_method(ctx, body.decoding, planner)
     requests = [EngineRequest(f"{request_id}-{i}", tuple(prompt), sampling_params(
         body, max_tokens, top, shared.limits.vocab_size, choice=i, adaptive=shared.adaptive,
-        grammar=shared.grammar),
+        grammar=shared.grammar, extra_stop=alignment_stop(alignment)),
         method) for i in range(body.n)]
     return Translated(shared.served, requests, given,
                       tool_format if reads_calls(body) else None,

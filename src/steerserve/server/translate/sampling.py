@@ -17,6 +17,7 @@ from steerserve.server.schemas.requests import (
 from steerserve.server.settings import ServerSettings
 from steerserve.server.tools.formats import ToolFormat
 from steerserve.server.tools.prompt import conversation
+from steerserve.server.translate.alignment import alignment_template
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,8 @@ def completion_budget(requested: int | None, prompt_len: int, limits: Limits,
 def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None, vocab_size: int,
                     prompt_logprobs: int | None = None, choice: int = 0,
                     adaptive: AdaptiveTemperature | None = None,
-                    grammar: Grammar | None = None) -> SamplingParams:
+                    grammar: Grammar | None = None,
+                    extra_stop: tuple[str, ...] = ()) -> SamplingParams:
     # n > 1 with a seed: each choice gets its own stream (seed + index), all reproducible.
     seed = None if req.seed is None else req.seed + choice
     return SamplingParams(
@@ -101,7 +103,7 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None, 
         repetition_penalty=req.repetition_penalty,
         logit_bias=tuple((int(k), v) for k, v in (req.logit_bias or {}).items()),
         seed=seed,
-        stop=tuple(req.stop_list()),
+        stop=tuple(req.stop_list()) + extra_stop,
         stop_token_ids=frozenset(req.stop_token_ids or ()),
         ignore_eos=req.ignore_eos,
         include_stop_str_in_output=req.include_stop_str_in_output,
@@ -114,18 +116,32 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None, 
     )
 
 
-def chat_template(tokenizer, req: ChatCompletionRequest) -> str:
-    template = req.chat_template or getattr(tokenizer, "chat_template", None)
+def chat_alignment(req: ChatCompletionRequest, default: str) -> str:
+    """The request's in-context alignment; a request's own template overrides the default."""
+    asked = req.in_context_alignment
+    if asked is None:
+        return "none" if req.chat_template is not None else default
+    if asked != "none" and req.chat_template is not None:
+        raise APIError(400, "chat_template and in_context_alignment both say how the "
+                       "conversation is rendered; set one", "in_context_alignment")
+    return asked
+
+
+def chat_template(tokenizer, req: ChatCompletionRequest, alignment: str) -> str:
+    template = (req.chat_template or alignment_template(alignment)
+                or getattr(tokenizer, "chat_template", None))
     if template is None:
         raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
     return template
 
 
-def chat_prompt(tokenizer, req: ChatCompletionRequest, tool_format: ToolFormat) -> list[int]:
-    """Render with the model's own template, or the request's where the server allows it
-    (transformers renders in a Jinja sandbox), tools as server/tools/prompt.py says. A
-    template that fails is the request's problem: a 400, never a 500."""
-    template = chat_template(tokenizer, req)
+def chat_prompt(tokenizer, req: ChatCompletionRequest, tool_format: ToolFormat,
+                alignment: str) -> list[int]:
+    """Render with the model's own template, the alignment's (server/translate/alignment.py),
+    or the request's where the server allows it (transformers renders in a Jinja sandbox),
+    tools as server/tools/prompt.py says. A template that fails is the request's problem: a
+    400, never a 500."""
+    template = chat_template(tokenizer, req, alignment)
     messages, tools = conversation(req, template, tool_format)
     try:
         ids = tokenizer.apply_chat_template(messages, tools=tools, chat_template=template,
