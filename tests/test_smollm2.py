@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 
 from steerserve.decoding.sampling.params import SamplingParams
 from tests.engine_helpers import Collector, hf_greedy, run_to_completion
-from tests.support import LiveServer, make_engine
+from tests.support import LiveServer, load_script, make_engine
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,8 @@ def test_batched_greedy_equals_hf_generate(smollm2, smollm2_reference):
         assert collector.tokens(str(i)) == hf_greedy(smollm2_reference, list(prompt), 24)
 
 
-UPPERCASE = Path(__file__).resolve().parent.parent / "examples" / "adapters" / "uppercase"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+UPPERCASE = EXAMPLES / "adapters" / "uppercase"
 QUESTIONS = ["Name three rivers in Europe.", "How do plants make food?",
              "Give me a tip for a job interview.", "What is a good name for a cat?"]
 
@@ -49,7 +50,8 @@ def server():
     # tests compare greedy outputs across batch shapes, which bf16 rounding perturbs (a CPU
     # with native bf16 makes --dtype auto pick it), and their thresholds were set in float32.
     live = LiveServer(["--lora", f"uppercase={UPPERCASE}", "--dtype", "float32",
-                       "--allow-runtime-vectors"])
+                       "--allow-runtime-vectors", "--steering-vector",
+                       f"context_knob={EXAMPLES / 'steering' / 'context_knob.safetensors'}"])
     yield live
     live.stop()
 
@@ -331,3 +333,29 @@ def test_urial_answers_end_at_the_closing_fence(client):
         assert reply.usage.prompt_tokens > 450  # the prefix is in the prompt
         ended += reason == "stop"
     assert ended >= 4  # 135M parameters: some answers still ramble to the token limit
+
+
+def test_the_shipped_context_knob_turns_answers_between_context_and_prior(client):
+    """examples/steering/context_knob.safetensors, clamped on the held-out counterfactual
+    questions (asked with no instruction): the context side makes answers name the context's
+    country far more often than the prior side does, and the prior side the true country."""
+    data = load_script("examples/context_knob_data.py")
+    knob = json.loads((EXAMPLES / "steering" / "context_knob.json").read_text())
+    prior, context = (knob["coordinates"][k] for k in ("prior_mean", "context_mean"))
+    items = data.split(knob["settings"]["seed"])["held_out"]
+
+    def sides(coordinate: float) -> list[str]:
+        def one(item) -> str:
+            reply = client.chat.completions.create(
+                model="SmolLM2-135M-Instruct", max_tokens=24, temperature=0,
+                messages=[{"role": "user", "content": item.question("none")}],
+                extra_body={"steering": [{"vector": "context_knob", "mode": "clamp",
+                                          "scale": coordinate, "apply_to": "generation"}]})
+            return item.follows(reply.choices[0].message.content)
+        with ThreadPoolExecutor(8) as pool:
+            return list(pool.map(one, items))
+
+    towards_prior = sides(prior - 2 * (context - prior))
+    towards_context = sides(context + (context - prior))
+    assert towards_context.count("context") - towards_prior.count("context") >= len(items) // 3
+    assert towards_prior.count("prior") > towards_context.count("prior")
