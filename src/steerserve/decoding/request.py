@@ -102,6 +102,8 @@ class RequestOutput:
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None
     failure: Failure | None = None
     temperatures: tuple[float, ...] = ()  # per new token, when the request asked
+    method_values: tuple[float, ...] = ()  # per new token, what the method reports
+    reports: str | None = None  # the response field method_values are listed in
 
     @property
     def error(self) -> str | None:

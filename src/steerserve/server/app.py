@@ -16,6 +16,7 @@ from steerserve.adapters.sae.autoencoder import SparseAutoencoder
 from steerserve.adapters.sae.files import load_sae
 from steerserve.adapters.steering.store import VectorStore
 from steerserve.decoding.engine import EngineClient, EngineConfig, EngineUnavailable
+from steerserve.decoding.methods.deferral_head import DeferralHead, load_deferral_head
 from steerserve.decoding.methods.registry import MethodRegistry
 from steerserve.decoding.model.loader import LoadedModel
 from steerserve.decoding.sampling.temperature_head import TemperatureHead, load_temperature_head
@@ -60,7 +61,8 @@ def build_context(settings: ServerSettings, model: LoadedModel,
     ctx = ServingContext(settings, engine, Metrics(engine), int(time.time()),
                          load_vectors(settings, shared), load_heads(settings, model),
                          DecodingSchemas(methods or MethodRegistry()), shared=shared,
-                         saes=load_saes(settings, model))
+                         saes=load_saes(settings, model),
+                         deferral_heads=load_deferral_heads(settings, model))
     for name, path in settings.loras:
         register(ctx, name, Path(path).expanduser().resolve())
     check_vector_widths(ctx)
@@ -80,6 +82,21 @@ def load_heads(settings: ServerSettings, model: LoadedModel) -> dict[str, Temper
         heads[name] = head.to(model.device)
         logger.info("loaded temperature head '%s' (temperatures %s) from %s", name,
                     list(head.config.temperatures), path)
+    return heads
+
+
+def load_deferral_heads(settings: ServerSettings,
+                        model: LoadedModel) -> dict[str, DeferralHead]:
+    """Each --deferral-head, checked against the first hosted model's width."""
+    heads = {}
+    for name, path in settings.deferral_heads:
+        try:
+            head = load_deferral_head(Path(path).expanduser(), model.model.config.hidden_size)
+        except ValueError as exc:
+            raise SystemExit(f"--deferral-head {name}: {exc}") from exc
+        heads[name] = head.to(model.device)
+        logger.info("loaded deferral head '%s' (assistants %s) from %s", name,
+                    list(head.config.assistants), path)
     return heads
 
 

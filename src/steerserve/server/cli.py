@@ -80,6 +80,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
         steering_vectors=parse_named_paths(args.steering_vector, "--steering-vector"),
         temperature_heads=parse_named_paths(args.temperature_head, "--temperature-head"),
+        deferral_heads=parse_named_paths(args.deferral_head, "--deferral-head"),
         saes=parse_named_paths(args.sae, "--sae"),
         vectors_dir=None if args.vectors_dir.lower() == "none" else args.vectors_dir,
         shared_store=args.shared_store)

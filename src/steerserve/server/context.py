@@ -15,6 +15,7 @@ from steerserve.adapters.lora.mix import MixCache
 from steerserve.adapters.sae.autoencoder import SparseAutoencoder
 from steerserve.adapters.steering.store import VectorStore
 from steerserve.decoding.engine import EngineClient
+from steerserve.decoding.methods.deferral_head import DeferralHead
 from steerserve.decoding.model.info import ModelInfo
 from steerserve.decoding.sampling.temperature_head import TemperatureHead
 from steerserve.server.errors import APIError
@@ -51,6 +52,7 @@ class ServingContext:
     draining: threading.Event = field(default_factory=threading.Event)  # set on SIGTERM
     shared: SharedStore | None = None  # --shared-store: what replicas agree on
     saes: dict[str, SparseAutoencoder] = field(default_factory=dict)  # --sae, fixed at start
+    deferral_heads: dict[str, DeferralHead] = field(default_factory=dict)  # --deferral-head
 
     @property
     def model_name(self) -> str:

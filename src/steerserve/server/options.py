@@ -166,6 +166,11 @@ def add_temperature_options(parser: argparse.ArgumentParser) -> None:
                        "examples/train_temperature_head.py) at start (repeatable); requests "
                        "use it with {\"adaptive_temperature\": {\"method\": \"learned\", "
                        "\"head\": NAME}}")
+    group.add_argument("--deferral-head", action="append", default=[], metavar="NAME=PATH",
+                       help="load a Co-LLM deferral head (.safetensors, see "
+                       "examples/train_deferral_head.py) at start (repeatable); requests use "
+                       "it with {\"decoding\": {\"method\": \"collaborative\", "
+                       "\"assistants\": [...], \"head\": NAME}} (docs/decoding.md)")
 
 
 

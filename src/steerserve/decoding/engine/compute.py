@@ -32,6 +32,7 @@ class RowOutcome:
     top_ids: tuple[int, ...] = ()
     top_logprobs: tuple[float, ...] = ()
     prompt_rows: torch.Tensor | None = None  # (P - 1, V) scoring rows, at admission
+    method_value: float | None = None  # the method's number for this token, when reported
 
 
 @dataclass
@@ -90,7 +91,8 @@ class StepComputer:
                 chosen[row] if chosen is not None and s.params.logprobs is not None else None,
                 tuple(top_ids[row][:k]) if top_ids and k else (),
                 tuple(top_values[row][:k]) if top_values and k else (),
-                self._scores(s, view) if s in joining else None)
+                self._scores(s, view) if s in joining else None,
+                s.request.method.token_value(view))
         return rows
 
     def _scores(self, s: Sequence, view: StepView) -> torch.Tensor | None:

@@ -56,7 +56,9 @@ class Output:
                                    list(row.top_logprobs))
         self._append(s, row.token)
         used = (row.temperature,) if params.report_temperatures else ()
-        self.emit(s, (row.token,), (record,) if record else (), scored, temperatures=used)
+        values = (row.method_value,) if row.method_value is not None else ()
+        self.emit(s, (row.token,), (record,) if record else (), scored, temperatures=used,
+                  method_values=values)
 
     def _append(self, s: Sequence, token: int) -> None:
         params = s.params
@@ -82,13 +84,16 @@ class Output:
 
     def emit(self, s: Sequence, tokens: tuple[int, ...], records: tuple[TokenLogprob, ...],
              scored: tuple[TokenLogprob, ...] | None, failure: Failure | None = None,
-             temperatures: tuple[float, ...] = ()) -> None:
+             temperatures: tuple[float, ...] = (),
+             method_values: tuple[float, ...] = ()) -> None:
         text = s.detokenizer.release(final=s.finished) if failure is None else ""
         s.sink(RequestOutput(
             request_id=s.request_id, token_ids=tokens, text=text, logprobs=records,
             finished=s.finished, finish_reason=s.finish_reason,
             prompt_tokens=len(s.request.prompt_ids), completion_tokens=len(s.output_ids),
-            prompt_logprobs=scored, failure=failure, temperatures=temperatures))
+            prompt_logprobs=scored, failure=failure, temperatures=temperatures,
+            method_values=method_values,
+            reports=type(s.request.method).reports if method_values else None))
 
     def count_finished(self, s: Sequence) -> None:
         reason = s.finish_reason.value if s.finish_reason else "unknown"

@@ -10,7 +10,10 @@ instance that owns the request's lanes. The engine then asks the instance, and o
 * `after_prefill`            the lanes that join after the prefill (SH2's hesitation lane);
 * `mix`                      how lane logits and derived rows combine into one row;
 * `step_rows`, `prompt_rows` derived rows made from what the lanes captured (DoLa's
-                             premature layer), for the next token and for prompt scoring.
+                             premature layer, Co-LLM's chosen model), for the next token
+                             and for prompt scoring;
+* `token_value`              a number per generated token the response reports under the
+                             class's `reports` name (Co-LLM's choices), when asked.
 
 Its HTTP fields are the fields of its `Params` dataclass, declared with `param()`; the
 server builds the `decoding` schema from them, so neither the server nor the engine names a
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
 import torch
 
 if TYPE_CHECKING:
+    from steerserve.decoding.methods.deferral_head import DeferralHead
     from steerserve.decoding.model.info import ModelInfo
     from steerserve.decoding.request import LaneSpec
 
@@ -95,12 +99,17 @@ class LanePlanner(Protocol):
 
     def model(self, name: str) -> ModelInfo: ...
 
+    def deferral_head(self, name: str, field: str) -> DeferralHead:
+        """A head loaded with --deferral-head; ParamError naming `field` when none is."""
+
 
 class LaneView(Protocol):
     """What a method reads of its lanes in the current step (positions as in `lanes`, late
     lanes after them)."""
 
     def logits(self, position: int) -> torch.Tensor: ...  # (V,) next-token logits
+
+    def hidden(self, position: int) -> torch.Tensor: ...  # (C,) the final normed state
 
     def prompt_logits(self, position: int) -> torch.Tensor | None: ...  # (P - 1, V)
 
@@ -123,6 +132,7 @@ class DecodingMethod(ABC):
 
     name: ClassVar[str]
     Params: ClassVar[type]  # a frozen dataclass of `param()` fields: the request's options
+    reports: ClassVar[str | None] = None  # the response field `token_value`s are listed in
     lanes: tuple[LaneSpec, ...]
 
     @classmethod
@@ -150,6 +160,10 @@ class DecodingMethod(ABC):
         """The late lanes, once lanes[0] is prefilled (prefilled in the same step); they may
         only use the model of lanes[0] and adapters the request's lanes already use."""
         return ()
+
+    def token_value(self, view: LaneView) -> float | None:
+        """This step's number for the response's `reports` list (None: nothing reported)."""
+        return None
 
     @classmethod
     def step_rows(cls, members: list[tuple[DecodingMethod, LaneView]],

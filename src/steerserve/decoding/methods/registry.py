@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from steerserve.decoding.methods.base import DecodingMethod
+from steerserve.decoding.methods.collaborative import Collaborative
 from steerserve.decoding.methods.contrastive import Contrastive
 from steerserve.decoding.methods.dola import DoLa
 from steerserve.decoding.methods.logit_arithmetic import LogitArithmetic
@@ -10,7 +11,7 @@ from steerserve.decoding.methods.proxy_tuning import ProxyTuning
 from steerserve.decoding.methods.sh2 import SH2
 
 BUILTIN: tuple[type[DecodingMethod], ...] = (ProxyTuning, Contrastive, SH2, DoLa,
-                                             LogitArithmetic)
+                                             LogitArithmetic, Collaborative)
 
 
 class MethodRegistry:

@@ -16,6 +16,7 @@ from steerserve.server.routes.generation import (
     Call,
     Route,
     ending,
+    method_report,
     output_ending,
     respond,
     stream_choices,
@@ -48,7 +49,8 @@ def chat_response(call: Call[ChatCompletionRequest], results: list[ChoiceResult]
         choices.append({
             "index": r.index, "message": message,
             "logprobs": chat_logprobs(r.logprobs) if body.logprobs else None,
-            **ending(finish_reason, r.temperatures if body.return_temperatures else None)})
+            **ending(finish_reason, r.temperatures if body.return_temperatures else None),
+            **method_report(r.reports, r.method_values)})
     return whole_response(call.meta, "chat.completion", choices, results[0].prompt_tokens,
                           results)
 
@@ -79,7 +81,7 @@ class ChoiceDeltas:
             if self.calls:
                 closing["finish_reason"] = _calls_ending(closing["finish_reason"])
         if not (delta or output.finished or (self.body.logprobs and output.logprobs)
-                or output.temperatures):
+                or output.temperatures or output.method_values):
             return None
         return {"index": index, "delta": delta,
                 "logprobs": chat_logprobs(output.logprobs) if self.body.logprobs else None,

@@ -36,10 +36,14 @@ class ChoiceResult:
     completion_tokens: int = 0
     failure: Failure | None = None
     temperatures: list[float] = field(default_factory=list)
+    method_values: list[float] = field(default_factory=list)
+    reports: str | None = None  # the field method_values are reported in
 
     def add(self, output: RequestOutput) -> None:
         self.text += output.text
         self.temperatures.extend(output.temperatures)
+        self.method_values.extend(output.method_values)
+        self.reports = output.reports or self.reports
         self.token_ids.extend(output.token_ids)
         self.logprobs.extend(output.logprobs)
         if output.prompt_logprobs is not None:

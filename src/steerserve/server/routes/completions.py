@@ -16,6 +16,7 @@ from steerserve.server.routes.generation import (
     Call,
     Route,
     ending,
+    method_report,
     output_ending,
     respond,
     stream_choices,
@@ -50,12 +51,14 @@ def completion_response(call: Call[CompletionRequest], results: list[ChoiceResul
         choices.append({
             "index": result.index, "text": prefix + result.text, "logprobs": logprobs,
             **ending(result.finish_reason,
-                     result.temperatures if body.return_temperatures else None)})
+                     result.temperatures if body.return_temperatures else None),
+            **method_report(result.reports, result.method_values)})
     return whole_response(call.meta, OBJECT, choices, _prompt_tokens(call), results)
 
 
 def _delta(body: CompletionRequest, index: int, output: RequestOutput) -> dict | None:
-    if not (output.text or output.finished or output.logprobs or output.temperatures):
+    if not (output.text or output.finished or output.logprobs or output.temperatures
+            or output.method_values):
         return None
     logprobs = legacy_logprobs(list(output.logprobs)) if body.logprobs is not None else None
     return {"index": index, "text": output.text, "logprobs": logprobs,

@@ -84,8 +84,17 @@ def ending(finish_reason: str | None, temperatures: Iterable[float] | None) -> d
 
 
 def output_ending(output: RequestOutput, temperatures: bool) -> dict:
-    return ending(output.finish_reason.value if output.finished else None,
-                  output.temperatures if temperatures else None)
+    return {**ending(output.finish_reason.value if output.finished else None,
+                     output.temperatures if temperatures else None),
+            **method_report(output.reports, output.method_values)}
+
+
+def method_report(name: str | None, values: Iterable[float]) -> dict:
+    """A decoding method's per-token numbers under its field (Co-LLM's `deferrals`); whole
+    numbers as integers."""
+    if name is None:
+        return {}
+    return {name: [int(v) if float(v).is_integer() else v for v in values]}
 
 
 def whole_response(meta: ResponseMeta, object_name: str, choices: list[dict],

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from steerserve.decoding.methods.base import DecodingMethod, ParamError
+from steerserve.decoding.methods.deferral_head import DeferralHead
 from steerserve.decoding.methods.plain import Plain
 from steerserve.decoding.model.info import ModelInfo
 from steerserve.decoding.request import LaneSpec
@@ -39,6 +40,13 @@ class RequestPlanner:
 
     def model(self, name: str) -> ModelInfo:
         return self.ctx.engine.models[name]
+
+    def deferral_head(self, name: str, field: str) -> DeferralHead:
+        head = self.ctx.deferral_heads.get(name)
+        if head is None:
+            known = ", ".join(sorted(self.ctx.deferral_heads)) or "none (--deferral-head)"
+            raise ParamError(field, f"no deferral head named '{name}'; loaded: {known}", 404)
+        return head
 
 
 def resolve_method(ctx: ServingContext, raw: dict | None, planner: RequestPlanner
