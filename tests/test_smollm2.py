@@ -51,7 +51,9 @@ def server():
     # with native bf16 makes --dtype auto pick it), and their thresholds were set in float32.
     live = LiveServer(["--lora", f"uppercase={UPPERCASE}", "--dtype", "float32",
                        "--allow-runtime-vectors", "--steering-vector",
-                       f"context_knob={EXAMPLES / 'steering' / 'context_knob.safetensors'}"])
+                       f"context_knob={EXAMPLES / 'steering' / 'context_knob.safetensors'}",
+                       "--deferral-head",
+                       f"upper={EXAMPLES / 'heads' / 'smollm2-uppercase-deferral.safetensors'}"])
     yield live
     live.stop()
 
@@ -359,3 +361,29 @@ def test_the_shipped_context_knob_turns_answers_between_context_and_prior(client
     towards_context = sides(context + (context - prior))
     assert towards_context.count("context") - towards_prior.count("context") >= len(items) // 3
     assert towards_prior.count("prior") > towards_context.count("prior")
+
+
+def test_the_shipped_deferral_head_fills_the_slots_with_the_adapter(client):
+    """examples/heads/smollm2-uppercase-deferral.safetensors on held-out facts: the joint
+    answers put a word in capitals inside a lower-case sentence, which neither model alone
+    does, and the report shows both models writing."""
+    script = load_script("examples/train_deferral_head.py")
+    questions = [f"What colour is {thing}? Answer in one sentence and write the colour in "
+                 "capital letters." for thing in ("fresh grass", "coal", "chocolate")]
+    questions += [f"What sound does a {animal} make? Answer in one sentence and write the "
+                  "sound in capital letters." for animal in ("cow", "snake", "bee")]
+
+    def answer(question: str, model: str = "SmolLM2-135M-Instruct", **body):
+        reply = client.chat.completions.create(
+            model=model, max_tokens=24, temperature=0, extra_body=body,
+            messages=[{"role": "user", "content": question}])
+        return reply.choices[0]
+
+    joint = [answer(q, decoding={"method": "collaborative", "assistants": ["uppercase"],
+                                 "head": "upper", "report": True}) for q in questions]
+    filled = sum(script.mixed_case(c.message.content) for c in joint)
+    alone = sum(script.mixed_case(answer(q, model).message.content)
+                for q in questions for model in ("SmolLM2-135M-Instruct", "uppercase"))
+    assert filled >= 4 and alone <= 1
+    choices = [d for c in joint for d in c.model_extra["deferrals"]]
+    assert set(choices) == {0, 1} and all(len(c.model_extra["deferrals"]) > 0 for c in joint)
