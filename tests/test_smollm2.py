@@ -40,6 +40,7 @@ def test_batched_greedy_equals_hf_generate(smollm2, smollm2_reference):
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 UPPERCASE = EXAMPLES / "adapters" / "uppercase"
+FORMS = EXAMPLES / "routers" / "smollm2-forms"
 QUESTIONS = ["Name three rivers in Europe.", "How do plants make food?",
              "Give me a tip for a job interview.", "What is a good name for a cat?"]
 
@@ -53,7 +54,10 @@ def server():
                        "--allow-runtime-vectors", "--steering-vector",
                        f"context_knob={EXAMPLES / 'steering' / 'context_knob.safetensors'}",
                        "--deferral-head",
-                       f"upper={EXAMPLES / 'heads' / 'smollm2-uppercase-deferral.safetensors'}"])
+                       f"upper={EXAMPLES / 'heads' / 'smollm2-uppercase-deferral.safetensors'}",
+                       *[arg for i in range(3)
+                         for arg in ("--lora", f"expert-{i}={FORMS / f'expert-{i}'}")],
+                       "--router", f"forms={FORMS}"])
     yield live
     live.stop()
 
@@ -387,3 +391,26 @@ def test_the_shipped_deferral_head_fills_the_slots_with_the_adapter(client):
     assert filled >= 4 and alone <= 1
     choices = [d for c in joint for d in c.model_extra["deferrals"]]
     assert set(choices) == {0, 1} and all(len(c.model_extra["deferrals"]) > 0 for c in joint)
+
+
+def test_the_shipped_router_sends_each_form_to_its_expert(client):
+    """examples/routers/smollm2-forms on held-out questions: the gradient feature routes each
+    instruction form to the expert trained on its cluster; the cheaper hidden-state feature
+    nearly always does (35/36 in docs/decoding.md: one near-tie)."""
+    script = load_script("examples/train_routed_experts.py")
+    report = json.loads((FORMS / "report.json").read_text())
+    form_of = {f"expert-{c}": forms[0] for c, forms in enumerate(report["clusters"])}
+    right = {"gradient": 0, "hidden": 0}
+    for form, instruction in script.FORMS.items():
+        for question in script.QUESTIONS[-2:]:
+            for routing in right:
+                reply = client.chat.completions.create(
+                    model="SmolLM2-135M-Instruct", max_tokens=8, temperature=0,
+                    messages=[{"role": "user", "content": instruction + question}],
+                    extra_body={"decoding": {"method": "routed_experts", "router": "forms",
+                                             "routing": routing}})
+                routed = reply.model_extra["decoding"]["routed_to"]
+                right[routing] += form_of[routed[0]["expert"]] == form
+                assert len(routed) == 2 and sum(r["weight"] for r in routed) == \
+                    pytest.approx(1.0, abs=1e-5)
+    assert right["gradient"] == 6 and right["hidden"] >= 5

@@ -12,6 +12,8 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from steerserve.adapters.errors import AdapterError
+from steerserve.adapters.routing import load_router
+from steerserve.adapters.routing.features import FeatureModel, PromptRouter
 from steerserve.adapters.sae.autoencoder import SparseAutoencoder
 from steerserve.adapters.sae.files import load_sae
 from steerserve.adapters.steering.store import VectorStore
@@ -22,7 +24,7 @@ from steerserve.decoding.model.loader import LoadedModel
 from steerserve.decoding.sampling.temperature_head import TemperatureHead, load_temperature_head
 from steerserve.server import guards, openapi
 from steerserve.server.auth import check_admin_key, check_api_key
-from steerserve.server.context import ServingContext
+from steerserve.server.context import ServingContext, resolve_reference
 from steerserve.server.errors import APIError, error_response, install_error_handlers
 from steerserve.server.metrics import Metrics
 from steerserve.server.routes import playground, responses, sae, tokenizer
@@ -50,6 +52,7 @@ def build_context(settings: ServerSettings, model: LoadedModel,
     names = [model.name] + [m.name for m in others]
     if len(set(names)) != len(names):
         raise SystemExit(f"hosted model names must differ: {names}")
+    routers = load_routers(settings, model)  # before the engine: it copies the model
     engine = EngineClient(model, EngineConfig(
         max_num_seqs=settings.max_num_seqs, max_queue=settings.max_queue,
         max_prefill_tokens=settings.max_prefill_tokens,
@@ -62,42 +65,68 @@ def build_context(settings: ServerSettings, model: LoadedModel,
                          load_vectors(settings, shared), load_heads(settings, model),
                          DecodingSchemas(methods or MethodRegistry()), shared=shared,
                          saes=load_saes(settings, model),
-                         deferral_heads=load_deferral_heads(settings, model))
+                         deferral_heads=load_deferral_heads(settings, model), routers=routers)
     for name, path in settings.loras:
         register(ctx, name, Path(path).expanduser().resolve())
     check_vector_widths(ctx)
+    check_router_experts(ctx)
     if shared is not None:
         shared.sync(ctx)  # the adapters and heads other replicas published
     return ctx
 
 
 def load_heads(settings: ServerSettings, model: LoadedModel) -> dict[str, TemperatureHead]:
-    heads = {}
-    for name, path in settings.temperature_heads:
-        try:
-            head = load_temperature_head(Path(path).expanduser(),
-                                         model.model.config.hidden_size)
-        except ValueError as exc:
-            raise SystemExit(f"--temperature-head {name}: {exc}") from exc
-        heads[name] = head.to(model.device)
-        logger.info("loaded temperature head '%s' (temperatures %s) from %s", name,
-                    list(head.config.temperatures), path)
-    return heads
+    return _load_named(settings.temperature_heads, "--temperature-head", model, lambda path:
+                       load_temperature_head(path, model.model.config.hidden_size),
+                       lambda head: f"temperatures {list(head.config.temperatures)}")
 
 
 def load_deferral_heads(settings: ServerSettings,
                         model: LoadedModel) -> dict[str, DeferralHead]:
-    """Each --deferral-head, checked against the first hosted model's width."""
-    heads = {}
-    for name, path in settings.deferral_heads:
+    return _load_named(settings.deferral_heads, "--deferral-head", model, lambda path:
+                       load_deferral_head(path, model.model.config.hidden_size),
+                       lambda head: f"assistants {list(head.config.assistants)}")
+
+
+def _load_named(entries: tuple[tuple[str, str], ...], option: str, model: LoadedModel,
+                load, describe) -> dict:
+    """Each NAME=PATH of a head option, checked against the first hosted model, on its
+    device; a bad file stops the start naming the option."""
+    loaded = {}
+    for name, path in entries:
         try:
-            head = load_deferral_head(Path(path).expanduser(), model.model.config.hidden_size)
+            head = load(Path(path).expanduser())
         except ValueError as exc:
-            raise SystemExit(f"--deferral-head {name}: {exc}") from exc
-        heads[name] = head.to(model.device)
-        logger.info("loaded deferral head '%s' (assistants %s) from %s", name,
-                    list(head.config.assistants), path)
-    return heads
+            raise SystemExit(f"{option} {name}: {exc}") from exc
+        loaded[name] = head.to(model.device)
+        logger.info("%s: loaded '%s' (%s) from %s", option, name, describe(head), path)
+    return loaded
+
+
+def load_routers(settings: ServerSettings, model: LoadedModel) -> dict[str, PromptRouter]:
+    """Each --router with its feature model (a float32 copy of the untouched base model)."""
+    config, routers = model.model.config, {}
+    for name, path in settings.routers:
+        try:
+            router = load_router(Path(path).expanduser(), config.hidden_size,
+                                 config.num_hidden_layers)
+            features = FeatureModel(model.model, router, settings.max_lora_rank)
+        except (ValueError, AdapterError) as exc:
+            raise SystemExit(f"--router {name}: {exc}") from exc
+        routers[name] = PromptRouter(router, features)
+        logger.info("loaded router '%s' (experts %s) from %s", name,
+                    list(router.config.experts), path)
+    return routers
+
+
+def check_router_experts(ctx: ServingContext) -> None:
+    for name, router in ctx.routers.items():
+        for expert in router.experts:
+            try:
+                resolve_reference(ctx, expert)
+            except APIError as exc:
+                raise SystemExit(f"--router {name}: expert '{expert}' is not served (give "
+                                 "it with --lora)") from exc
 
 
 def load_saes(settings: ServerSettings, model: LoadedModel) -> dict[str, SparseAutoencoder]:

@@ -81,6 +81,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         steering_vectors=parse_named_paths(args.steering_vector, "--steering-vector"),
         temperature_heads=parse_named_paths(args.temperature_head, "--temperature-head"),
         deferral_heads=parse_named_paths(args.deferral_head, "--deferral-head"),
+        routers=parse_named_paths(args.router, "--router"),
         saes=parse_named_paths(args.sae, "--sae"),
         vectors_dir=None if args.vectors_dir.lower() == "none" else args.vectors_dir,
         shared_store=args.shared_store)

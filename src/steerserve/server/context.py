@@ -12,6 +12,7 @@ from typing import TypeVar
 
 from steerserve.adapters.lora.files import LoraAdapter
 from steerserve.adapters.lora.mix import MixCache
+from steerserve.adapters.routing.features import PromptRouter
 from steerserve.adapters.sae.autoencoder import SparseAutoencoder
 from steerserve.adapters.steering.store import VectorStore
 from steerserve.decoding.engine import EngineClient
@@ -53,6 +54,7 @@ class ServingContext:
     shared: SharedStore | None = None  # --shared-store: what replicas agree on
     saes: dict[str, SparseAutoencoder] = field(default_factory=dict)  # --sae, fixed at start
     deferral_heads: dict[str, DeferralHead] = field(default_factory=dict)  # --deferral-head
+    routers: dict[str, PromptRouter] = field(default_factory=dict)  # --router, ELREA
 
     @property
     def model_name(self) -> str:

@@ -166,6 +166,13 @@ def add_temperature_options(parser: argparse.ArgumentParser) -> None:
                        "examples/train_temperature_head.py) at start (repeatable); requests "
                        "use it with {\"adaptive_temperature\": {\"method\": \"learned\", "
                        "\"head\": NAME}}")
+    group.add_argument("--router", action="append", default=[], metavar="NAME=DIR",
+                       help="load a routed-experts router (a directory with router."
+                       "safetensors and feature-adapter/, see examples/train_routed_experts"
+                       ".py; its experts must be served with --lora) at start (repeatable); "
+                       "requests use it with {\"decoding\": {\"method\": \"routed_experts\","
+                       " \"router\": NAME}}; keeps a float32 copy of the model for routing "
+                       "(docs/decoding.md)")
     group.add_argument("--deferral-head", action="append", default=[], metavar="NAME=PATH",
                        help="load a Co-LLM deferral head (.safetensors, see "
                        "examples/train_deferral_head.py) at start (repeatable); requests use "

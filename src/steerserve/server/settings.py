@@ -42,6 +42,7 @@ class ServerSettings:
     steering_vectors: tuple[tuple[str, str], ...] = ()  # (name, path) loaded at start
     temperature_heads: tuple[tuple[str, str], ...] = ()  # (name, path) loaded at start
     deferral_heads: tuple[tuple[str, str], ...] = ()  # (name, path): Co-LLM's heads
+    routers: tuple[tuple[str, str], ...] = ()  # (name, directory): ELREA's routers
     saes: tuple[tuple[str, str], ...] = ()  # (name, SAELens directory) loaded at start
     vectors_dir: str | None = "~/.local/share/steerserve/vectors"  # None: in memory only
     shared_store: str | None = None  # replicas' common vectors, runtime adapters and heads

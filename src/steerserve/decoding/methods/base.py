@@ -12,6 +12,7 @@ instance that owns the request's lanes. The engine then asks the instance, and o
 * `step_rows`, `prompt_rows` derived rows made from what the lanes captured (DoLa's
                              premature layer, Co-LLM's chosen model), for the next token
                              and for prompt scoring;
+* `described`                what the response reports besides the request's fields;
 * `token_value`              a number per generated token the response reports under the
                              class's `reports` name (Co-LLM's choices), when asked.
 
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
 import torch
 
 if TYPE_CHECKING:
+    from steerserve.adapters.routing.features import PromptRouter
     from steerserve.decoding.methods.deferral_head import DeferralHead
     from steerserve.decoding.model.info import ModelInfo
     from steerserve.decoding.request import LaneSpec
@@ -102,6 +104,9 @@ class LanePlanner(Protocol):
     def deferral_head(self, name: str, field: str) -> DeferralHead:
         """A head loaded with --deferral-head; ParamError naming `field` when none is."""
 
+    def router(self, name: str, field: str) -> PromptRouter:
+        """A router loaded with --router; ParamError naming `field` when none is."""
+
 
 class LaneView(Protocol):
     """What a method reads of its lanes in the current step (positions as in `lanes`, late
@@ -160,6 +165,11 @@ class DecodingMethod(ABC):
         """The late lanes, once lanes[0] is prefilled (prefilled in the same step); they may
         only use the model of lanes[0] and adapters the request's lanes already use."""
         return ()
+
+    def described(self) -> dict:
+        """What the response's `decoding` object adds to the request's fields (ELREA's
+        routing)."""
+        return {}
 
     def token_value(self, view: LaneView) -> float | None:
         """This step's number for the response's `reports` list (None: nothing reported)."""

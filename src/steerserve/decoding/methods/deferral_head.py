@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
+
+from steerserve.adapters.tagged_files import read_tagged
 
 FORMAT = "steerserve.deferral_head"
 MAX_ASSISTANTS = 4
@@ -73,18 +74,7 @@ def load_deferral_head(path: str | Path, hidden_size: int | None = None) -> Defe
     """Load and check a head file (ValueError naming the problem); `hidden_size`, when given,
     must be the head's."""
     path = Path(path)
-    if path.suffix != ".safetensors" or not path.is_file():
-        raise ValueError(f"deferral head '{path}': not a .safetensors file (nothing else is "
-                         "loaded, never pickle)")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    except Exception as exc:  # safetensors raises several types for corrupt files
-        raise ValueError(f"deferral head '{path}': unreadable safetensors ({exc})") from exc
-    if metadata.get("format") != FORMAT:
-        raise ValueError(f"deferral head '{path}': metadata 'format' is "
-                         f"{metadata.get('format')!r}, expected '{FORMAT}'")
+    metadata, tensors = read_tagged(path, FORMAT, "deferral head")
     try:
         fields = json.loads(metadata.get("config", ""))
         config = DeferralHeadConfig(**fields)

@@ -8,10 +8,11 @@ from steerserve.decoding.methods.contrastive import Contrastive
 from steerserve.decoding.methods.dola import DoLa
 from steerserve.decoding.methods.logit_arithmetic import LogitArithmetic
 from steerserve.decoding.methods.proxy_tuning import ProxyTuning
+from steerserve.decoding.methods.routed_experts import RoutedExperts
 from steerserve.decoding.methods.sh2 import SH2
 
 BUILTIN: tuple[type[DecodingMethod], ...] = (ProxyTuning, Contrastive, SH2, DoLa,
-                                             LogitArithmetic, Collaborative)
+                                             LogitArithmetic, Collaborative, RoutedExperts)
 
 
 class MethodRegistry:

@@ -18,9 +18,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from steerserve.adapters.tagged_files import read_tagged
 
 FORMAT = "steerserve.temperature_head"
 LEVELS = ("token", "sequence")
@@ -143,18 +144,7 @@ def save_temperature_head(head: TemperatureHead, path: str | Path) -> None:
 def load_temperature_head(path: str | Path, hidden_size: int | None = None) -> TemperatureHead:
     """Load and validate a head file; `hidden_size`, when given, must match the head's."""
     path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(
-            f"temperature head '{path}': only .safetensors files are loaded (never pickle)"
-        )
-    if not path.is_file():
-        raise ValueError(f"temperature head '{path}': no such file")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    except Exception as exc:  # safetensors raises several types for corrupt files
-        raise ValueError(f"temperature head '{path}': unreadable safetensors ({exc})") from exc
+    metadata, tensors = read_tagged(path, FORMAT, "temperature head")
     config = _read_config(path, metadata)
     if hidden_size is not None and hidden_size != config.hidden_size:
         raise ValueError(
@@ -168,11 +158,6 @@ def load_temperature_head(path: str | Path, hidden_size: int | None = None) -> T
 
 
 def _read_config(path: Path, metadata: dict[str, str]) -> TemperatureHeadConfig:
-    if metadata.get("format") != FORMAT:
-        raise ValueError(
-            f"temperature head '{path}': metadata 'format' is {metadata.get('format')!r}, "
-            f"expected '{FORMAT}'"
-        )
     if "config" not in metadata:
         raise ValueError(f"temperature head '{path}': no 'config' in the metadata")
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from steerserve.adapters.routing.features import PromptRouter
 from steerserve.decoding.methods.base import DecodingMethod, ParamError
 from steerserve.decoding.methods.deferral_head import DeferralHead
 from steerserve.decoding.methods.plain import Plain
@@ -42,12 +43,18 @@ class RequestPlanner:
         return self.ctx.engine.models[name]
 
     def deferral_head(self, name: str, field: str) -> DeferralHead:
-        head = self.ctx.deferral_heads.get(name)
-        if head is None:
-            known = ", ".join(sorted(self.ctx.deferral_heads)) or "none (--deferral-head)"
-            raise ParamError(field, f"no deferral head named '{name}'; loaded: {known}", 404)
-        return head
+        return _named(self.ctx.deferral_heads, name, field, "deferral head", "--deferral-head")
 
+    def router(self, name: str, field: str) -> PromptRouter:
+        return _named(self.ctx.routers, name, field, "router", "--router")
+
+
+def _named(table: dict, name: str, field: str, kind: str, option: str):
+    """A resource loaded at start; a 404 naming the field and listing what is loaded."""
+    if name not in table:
+        known = ", ".join(sorted(table)) or f"none ({option})"
+        raise ParamError(field, f"no {kind} named '{name}'; loaded: {known}", 404)
+    return table[name]
 
 def resolve_method(ctx: ServingContext, raw: dict | None, planner: RequestPlanner
                    ) -> tuple[DecodingMethod, dict | None]:
@@ -56,10 +63,11 @@ def resolve_method(ctx: ServingContext, raw: dict | None, planner: RequestPlanne
         return Plain((planner.base,)), None
     method, params, given = ctx.decoding.parse(raw)
     try:
-        return method.build(params, planner), given
+        built = method.build(params, planner)
     except ParamError as exc:
         param = f"{PARAM}.{exc.field}" if exc.field else PARAM
         raise APIError(exc.status, exc.message, param) from exc
+    return built, {**given, **built.described()}
 
 
 def check_vocabulary(ctx: ServingContext, base: str, other: str, param: str) -> None:

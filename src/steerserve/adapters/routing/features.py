@@ -1,0 +1,91 @@
+"""A prompt's routing feature, computed off the engine: ELREA's gradient, or a hidden state.
+
+The feature model is a float32 copy of the base model taken before the engine touches it,
+with the router's feature adapter applied by forward hooks (y + s (x A^T) B^T, as peft does).
+The gradient feature is that of the prompt's own next-token loss with respect to the
+adapter's B matrices in the router's feature layer (the only leaves that require grad, so
+autograd records the top of the network only), flattened in module order and normalised.
+The hidden feature is the mean final hidden state of the prompt without the adapter. Both run
+on the request worker, one prompt at a time, never in the batched step.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from steerserve.adapters.lora.files import LoraAdapter, load_lora_adapter
+from steerserve.adapters.routing.files import Router
+
+
+class FeatureModel:
+    def __init__(self, base: nn.Module, router: Router, max_rank: int) -> None:
+        self.model = copy.deepcopy(base).eval()
+        # Tensor by tensor: a model read from GGUF refuses .float() (its quantization config).
+        for tensor in [*self.model.parameters(), *self.model.buffers()]:
+            if tensor.is_floating_point():
+                tensor.data = tensor.data.float()
+            tensor.requires_grad_(False)
+        adapter = load_lora_adapter("feature", router.feature_adapter, self.model, max_rank,
+                                    param=None)
+        layer = f"layers.{router.config.feature_layer}."
+        self.leaves: list[torch.Tensor] = []
+        self.enabled = True
+        modules = dict(self.model.named_modules())
+        for path in sorted(adapter.weights):
+            a, b = adapter.weights[path]
+            b = b.float().clone().requires_grad_(layer in path)
+            if b.requires_grad:
+                self.leaves.append(b)
+            modules[path].register_forward_hook(self._hook(adapter, a.float(), b))
+        if not self.leaves:
+            raise ValueError(f"the feature adapter has no weights in layer "
+                             f"{router.config.feature_layer}")
+        self._lock = threading.Lock()
+
+    def _hook(self, adapter: LoraAdapter, a: torch.Tensor, b: torch.Tensor) -> Callable:
+        def add_lora(_module, inputs, output):
+            if not self.enabled:
+                return output
+            return output + adapter.scaling * (inputs[0] @ a.T) @ b.T
+        return add_lora
+
+    def gradient(self, prompt: list[int]) -> torch.Tensor:
+        """(D,) unit gradient of the prompt's mean next-token loss w.r.t. the leaves."""
+        ids = torch.tensor([prompt])
+        with self._lock, torch.enable_grad():
+            self.enabled = True
+            loss = self.model(input_ids=ids, labels=ids).loss
+            grads = torch.autograd.grad(loss, self.leaves)
+        flat = torch.cat([g.flatten() for g in grads])
+        return flat / flat.norm().clamp_min(1e-12)
+
+    def hidden(self, prompt: list[int]) -> torch.Tensor:
+        """(H,) mean final hidden state of the prompt, without the adapter."""
+        with self._lock, torch.no_grad():
+            self.enabled = False
+            try:
+                states = self.model(input_ids=torch.tensor([prompt]),
+                                    output_hidden_states=True).hidden_states[-1]
+            finally:
+                self.enabled = True
+        return states[0].mean(0)
+
+
+class PromptRouter:
+    """A router with its feature model: what a request's routing asks."""
+
+    def __init__(self, router: Router, features: FeatureModel) -> None:
+        self.router, self.features = router, features
+
+    @property
+    def experts(self) -> tuple[str, ...]:
+        return self.router.config.experts
+
+    def route(self, prompt: list[int], by_hidden: bool, top_k: int) -> list[tuple[str, float]]:
+        feature = self.features.hidden(prompt) if by_hidden else self.features.gradient(prompt)
+        return self.router.route(feature, by_hidden, top_k)
