@@ -11,6 +11,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from steerserve.adapters.routing import RouterConfig, load_router, save_router
+from steerserve.adapters.routing.features import ROUTING_TOKENS
 from steerserve.server.app import build_context
 from steerserve.server.settings import ServerSettings
 from tests.inprocess import InProcessServer
@@ -145,3 +146,22 @@ def test_router_files_and_experts_are_checked_at_start(routed, tmp_path, llama):
         load_router(tmp_path, 64, 2)
     with pytest.raises(ValueError, match="feature_layer"):
         load_router(tmp_path, 32, 1)
+
+
+def test_a_long_prompt_is_routed_by_its_last_tokens(routed, llama_reference, tokenizer):
+    live, _, gradients, _, _ = routed
+    text = " ".join([PROMPTS[1]] * 120)
+    tokens = tokenizer(text)["input_ids"]
+    assert len(tokens) > ROUTING_TOKENS
+    feature = PeftModel.from_pretrained(copy.deepcopy(llama_reference),
+                                        str(live.ctx.settings.routers[0][1]) +
+                                        "/feature-adapter")
+    similarity = gradients @ oracle_gradient(feature, tokens[-ROUTING_TOKENS:])
+    values, order = similarity.topk(2)
+    reply = live.post("/v1/completions", {
+        "model": "tiny-llama", "prompt": text, "max_tokens": 1,
+        "decoding": {"method": "routed_experts", "router": "r"}}).json()
+    routed_to = reply["decoding"]["routed_to"]
+    assert [r["expert"] for r in routed_to] == [f"e{j}" for j in order.tolist()]
+    assert [r["weight"] for r in routed_to] == pytest.approx(
+        (values / TEMPERATURE).softmax(-1).tolist(), abs=1e-4)

@@ -76,6 +76,9 @@ class FeatureModel:
         return states[0].mean(0)
 
 
+ROUTING_TOKENS = 512  # the prompt's last tokens a feature reads: bounds a routing's cost
+
+
 class PromptRouter:
     """A router with its feature model: what a request's routing asks."""
 
@@ -87,5 +90,8 @@ class PromptRouter:
         return self.router.config.experts
 
     def route(self, prompt: list[int], by_hidden: bool, top_k: int) -> list[tuple[str, float]]:
+        """The experts for a prompt, from its last ROUTING_TOKENS tokens (a long prompt would
+        otherwise hold the request worker for seconds)."""
+        prompt = prompt[-ROUTING_TOKENS:]
         feature = self.features.hidden(prompt) if by_hidden else self.features.gradient(prompt)
         return self.router.route(feature, by_hidden, top_k)
