@@ -50,7 +50,9 @@ class Item:
                 f"{self.city} in?{INSTRUCTIONS[intent]}")
 
     def follows(self, answer: str) -> str:
-        """"context", "prior" or "neither", by which country the answer names first."""
+        """"context", "prior" or "neither", by which country the answer names first (the city
+        left out: "Mexico City" does not name Mexico)."""
+        answer = answer.replace(self.city, "")
         found = {side: answer.find(country) for side, country in
                  (("context", self.claimed), ("prior", self.country))}
         named = {side: at for side, at in found.items() if at >= 0}

@@ -5,6 +5,7 @@ model alone, reported choices, streaming, adapters as assistants, and refused in
 from __future__ import annotations
 
 import copy
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -188,3 +189,35 @@ def test_unknown_server_heads_refuse_to_start(tmp_path, llama):
 def test_the_method_is_in_the_openapi_schema(setup):
     schema = httpx.get(f"{setup[0].base_url}/openapi.json", timeout=10).text
     assert "collaborative" in schema and "threshold" in schema
+
+
+def test_requests_in_one_batch_get_what_they_get_alone(setup):
+    """Different heads, thresholds and a plain request decoded together: each request's tokens
+    and choices are those it gets alone (the choice is made per row)."""
+    live = setup[0]
+    bodies = [{"assistants": ["expert"], "head": "one", "threshold": t, "report": True}
+              for t in (0.0, 0.5, 1.0)]
+    bodies.append({"assistants": ["expert", "lora"], "head": "two", "report": True})
+
+    def run(decoding: dict | None) -> dict:
+        body = {"model": "tiny-llama", "prompt": PROMPT, "max_tokens": TOKENS,
+                "temperature": 0, "ignore_eos": True}
+        if decoding is not None:
+            body["decoding"] = {"method": "collaborative", **decoding}
+        choice = live.post("/v1/completions", body).json()["choices"][0]
+        return {"text": choice["text"], "deferrals": choice.get("deferrals")}
+
+    alone = [run(b) for b in [*bodies, None]]
+    with ThreadPoolExecutor(len(alone)) as pool:
+        together = list(pool.map(run, [*bodies, None]))
+    assert together == alone
+    assert len({tuple(a["deferrals"]) for a in alone[:3]}) > 1  # the thresholds matter
+
+
+def test_the_responses_api_refuses_a_per_token_report(setup):
+    body = {"model": "tiny-llama", "input": PROMPT, "max_output_tokens": 4,
+            "decoding": {"method": "collaborative", "assistants": ["expert"], "head": "one"}}
+    assert setup[0].post("/v1/responses", body).status_code == 200
+    body["decoding"]["report"] = True
+    refused = setup[0].post("/v1/responses", body)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "decoding"

@@ -5,6 +5,8 @@ against a reference loop over the experts' logits, and refused inputs."""
 from __future__ import annotations
 
 import copy
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +167,36 @@ def test_a_long_prompt_is_routed_by_its_last_tokens(routed, llama_reference, tok
     assert [r["expert"] for r in routed_to] == [f"e{j}" for j in order.tolist()]
     assert [r["weight"] for r in routed_to] == pytest.approx(
         (values / TEMPERATURE).softmax(-1).tolist(), abs=1e-4)
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"model": "e0", "prompt": "Hi there"}, "decoding.router"),  # an adapter: not the router's
+    ({"model": "tiny-llama", "prompt": ["Hi there", "Bye now"]}, "prompt"),
+])
+def test_requests_the_router_cannot_serve_are_refused(routed, body, param):
+    reply = routed[0].post("/v1/completions", {
+        **body, "max_tokens": 2, "decoding": {"method": "routed_experts", "router": "r"}})
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == param
+
+
+def test_a_one_token_prompt_routes_by_hidden_state_only(routed):
+    live = routed[0]
+    body = {"model": "tiny-llama", "prompt": [5], "max_tokens": 2,
+            "decoding": {"method": "routed_experts", "router": "r"}}
+    refused = live.post("/v1/completions", body)
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "decoding.routing"
+    body["decoding"]["routing"] = "hidden"
+    assert live.post("/v1/completions", body).status_code == 200
+
+
+def test_centroids_of_another_width_stop_the_start(routed, tmp_path, llama):
+    live, *_ = routed
+    source = Path(live.ctx.settings.routers[0][1])
+    shutil.copytree(source / "feature-adapter", tmp_path / "feature-adapter")
+    save_router(tmp_path / "router.safetensors", torch.ones(3, 10), torch.ones(3, 64),
+                RouterConfig(("e0", "e1", "e2"), feature_layer=1))
+    with pytest.raises(SystemExit, match="centroids are 10 wide"):
+        build_context(ServerSettings(vectors_dir=None, routers=(("r", str(tmp_path)),)),
+                      llama)

@@ -111,9 +111,9 @@ def load_routers(settings: ServerSettings, model: LoadedModel) -> dict[str, Prom
             router = load_router(Path(path).expanduser(), config.hidden_size,
                                  config.num_hidden_layers)
             features = FeatureModel(model.model, router, settings.max_lora_rank)
+            routers[name] = PromptRouter(router, features, model.name)
         except (ValueError, AdapterError) as exc:
             raise SystemExit(f"--router {name}: {exc}") from exc
-        routers[name] = PromptRouter(router, features)
         logger.info("loaded router '%s' (experts %s) from %s", name,
                     list(router.config.experts), path)
     return routers

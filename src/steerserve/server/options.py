@@ -38,6 +38,7 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     add_steering_options(parser)
     add_sae_options(parser)
     add_temperature_options(parser)
+    add_method_options(parser)
     add_http_options(parser)
     parser.add_argument_group("scale-out").add_argument(
         "--shared-store", default=None, metavar="DIR",
@@ -166,6 +167,10 @@ def add_temperature_options(parser: argparse.ArgumentParser) -> None:
                        "examples/train_temperature_head.py) at start (repeatable); requests "
                        "use it with {\"adaptive_temperature\": {\"method\": \"learned\", "
                        "\"head\": NAME}}")
+
+
+def add_method_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("decoding methods' files")
     group.add_argument("--router", action="append", default=[], metavar="NAME=DIR",
                        help="load a routed-experts router (a directory with router."
                        "safetensors and feature-adapter/, see examples/train_routed_experts"
@@ -178,8 +183,6 @@ def add_temperature_options(parser: argparse.ArgumentParser) -> None:
                        "examples/train_deferral_head.py) at start (repeatable); requests use "
                        "it with {\"decoding\": {\"method\": \"collaborative\", "
                        "\"assistants\": [...], \"head\": NAME}} (docs/decoding.md)")
-
-
 
 
 def add_http_options(parser: argparse.ArgumentParser) -> None:

@@ -4,7 +4,8 @@ The feature model is a float32 copy of the base model taken before the engine to
 with the router's feature adapter applied by forward hooks (y + s (x A^T) B^T, as peft does).
 The gradient feature is that of the prompt's own next-token loss with respect to the
 adapter's B matrices in the router's feature layer (the only leaves that require grad, so
-autograd records the top of the network only), flattened in module order and normalised.
+autograd records the top of the network only), flattened in module-path (name) order and
+normalised.
 The hidden feature is the mean final hidden state of the prompt without the adapter. Both run
 on the request worker, one prompt at a time, never in the batched step.
 """
@@ -36,12 +37,13 @@ class FeatureModel:
         self.leaves: list[torch.Tensor] = []
         self.enabled = True
         modules = dict(self.model.named_modules())
+        self.device = next(self.model.parameters()).device
         for path in sorted(adapter.weights):
-            a, b = adapter.weights[path]
-            b = b.float().clone().requires_grad_(layer in path)
+            a, b = (t.float().to(self.device) for t in adapter.weights[path])
+            b = b.clone().requires_grad_(layer in path)
             if b.requires_grad:
                 self.leaves.append(b)
-            modules[path].register_forward_hook(self._hook(adapter, a.float(), b))
+            modules[path].register_forward_hook(self._hook(adapter, a, b))
         if not self.leaves:
             raise ValueError(f"the feature adapter has no weights in layer "
                              f"{router.config.feature_layer}")
@@ -54,26 +56,32 @@ class FeatureModel:
             return output + adapter.scaling * (inputs[0] @ a.T) @ b.T
         return add_lora
 
+    @property
+    def width(self) -> int:
+        """D, the gradient feature's length."""
+        return sum(leaf.numel() for leaf in self.leaves)
+
     def gradient(self, prompt: list[int]) -> torch.Tensor:
-        """(D,) unit gradient of the prompt's mean next-token loss w.r.t. the leaves."""
-        ids = torch.tensor([prompt])
+        """(D,) unit gradient of the prompt's mean next-token loss w.r.t. the leaves (CPU);
+        a prompt needs two tokens for a loss."""
+        ids = torch.tensor([prompt], device=self.device)
         with self._lock, torch.enable_grad():
             self.enabled = True
             loss = self.model(input_ids=ids, labels=ids).loss
             grads = torch.autograd.grad(loss, self.leaves)
-        flat = torch.cat([g.flatten() for g in grads])
+        flat = torch.cat([g.flatten() for g in grads]).cpu()
         return flat / flat.norm().clamp_min(1e-12)
 
     def hidden(self, prompt: list[int]) -> torch.Tensor:
-        """(H,) mean final hidden state of the prompt, without the adapter."""
+        """(H,) mean final hidden state of the prompt, without the adapter (CPU)."""
         with self._lock, torch.no_grad():
             self.enabled = False
             try:
-                states = self.model(input_ids=torch.tensor([prompt]),
+                states = self.model(input_ids=torch.tensor([prompt], device=self.device),
                                     output_hidden_states=True).hidden_states[-1]
             finally:
                 self.enabled = True
-        return states[0].mean(0)
+        return states[0].mean(0).cpu()
 
 
 ROUTING_TOKENS = 512  # the prompt's last tokens a feature reads: bounds a routing's cost
@@ -82,8 +90,12 @@ ROUTING_TOKENS = 512  # the prompt's last tokens a feature reads: bounds a routi
 class PromptRouter:
     """A router with its feature model: what a request's routing asks."""
 
-    def __init__(self, router: Router, features: FeatureModel) -> None:
+    def __init__(self, router: Router, features: FeatureModel, model: str) -> None:
         self.router, self.features = router, features
+        self.model = model  # the hosted model whose prompts it routes
+        if features.width != router.centroids.shape[1]:
+            raise ValueError(f"the router's centroids are {router.centroids.shape[1]} wide, "
+                             f"its feature adapter's gradient {features.width}")
 
     @property
     def experts(self) -> tuple[str, ...]:

@@ -57,7 +57,8 @@ class Router:
         """(expert, weight) of the top_k most similar clusters, weights a softmax of their
         cosine similarities over the temperature, most similar first."""
         centre = self.hidden_centroids if by_hidden else self.centroids
-        unit = feature.float() / feature.float().norm().clamp_min(1e-12)
+        feature = feature.detach().float().cpu()
+        unit = feature / feature.norm().clamp_min(1e-12)
         values, index = (centre @ unit).topk(top_k)
         weights = (values / self.config.temperature).softmax(-1)
         return [(self.config.experts[i], w) for i, w in zip(index.tolist(), weights.tolist(),

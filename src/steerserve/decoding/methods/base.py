@@ -171,6 +171,11 @@ class DecodingMethod(ABC):
         routing)."""
         return {}
 
+    @property
+    def reporting(self) -> bool:
+        """Whether this request's `token_value`s are reported (the client asked)."""
+        return False
+
     def token_value(self, view: LaneView) -> float | None:
         """This step's number for the response's `reports` list (None: nothing reported)."""
         return None

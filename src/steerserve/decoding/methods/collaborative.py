@@ -86,23 +86,18 @@ class Collaborative(DecodingMethod):
     def lane_choice(self, view: LaneView) -> int:
         return int(self.choose(self.head.probabilities(view.hidden(0).unsqueeze(0)))[0])
 
+    @property
+    def reporting(self) -> bool:
+        return self.report
+
     def token_value(self, view: LaneView) -> float | None:
         return float(self.lane_choice(view)) if self.report else None
 
     @classmethod
     def step_rows(cls, members: list[tuple[DecodingMethod, LaneView]],
                   early_exits: EarlyExits) -> list[torch.Tensor | None]:
-        """One head product per head for all its members; each row the chosen lane's."""
-        by_head: dict[int, list[int]] = {}
-        for i, (method, _) in enumerate(members):
-            by_head.setdefault(id(method.head), []).append(i)
-        rows: list[torch.Tensor | None] = [None] * len(members)
-        for group in by_head.values():
-            head = members[group[0]][0].head
-            hidden = torch.stack([members[i][1].hidden(0) for i in group])  # (G, H)
-            probabilities = head.probabilities(hidden)  # (G, 1 + M)
-            for i, row in zip(group, probabilities, strict=True):
-                method, view = members[i]
-                chosen = int(method.choose(row.unsqueeze(0))[0])
-                rows[i] = view.logits(chosen).unsqueeze(0)  # (1, V)
-        return rows
+        """Each row the chosen lane's logits. The head runs per row, exactly as
+        `token_value` runs it, so the reported choice is the one sampled (a batched product
+        may round differently and flip a choice at the threshold)."""
+        return [view.logits(method.lane_choice(view)).unsqueeze(0)  # (1, V)
+                for method, view in members]

@@ -50,13 +50,21 @@ class RoutedExperts(DecodingMethod):
     @classmethod
     def build(cls, params: RoutedExpertsParams, planner: LanePlanner) -> RoutedExperts:
         router = planner.router(params.router, "router")
+        base = planner.base
+        if base.model != router.model or base.adapter is not None:
+            raise ParamError("router", f"router '{params.router}' routes requests on "
+                             f"'{router.model}' itself; its experts replace an adapter, so "
+                             "the request's model must be that model")
         available = len(router.experts)
         top_k = min(2, available) if params.top_k is None else params.top_k
         if top_k > available:
             raise ParamError("top_k", f"router '{params.router}' has {available} expert(s); "
                              f"top_k {top_k} is more")
         routing = params.routing or "gradient"
-        chosen = router.route(list(planner.base.prompt_ids), routing == "hidden", top_k)
+        if routing == "gradient" and len(base.prompt_ids) < 2:
+            raise ParamError("routing", "a gradient needs a prompt of two tokens or more; "
+                             "use \"routing\": \"hidden\"")
+        chosen = router.route(list(base.prompt_ids), routing == "hidden", top_k)
         lanes = tuple(planner.lane(expert, "router") for expert, _ in chosen)
         return cls(lanes, tuple(w for _, w in chosen), tuple(e for e, _ in chosen), routing)
 

@@ -48,9 +48,14 @@ def install(app: FastAPI, ctx: ServingContext) -> None:
 
 def _translate(ctx: ServingContext, chat: ChatCompletionRequest, request_id: str) -> Translated:
     try:
-        return chat_requests(ctx, chat, request_id)
+        translated = chat_requests(ctx, chat, request_id)
     except APIError as exc:
         raise as_responses_error(exc) from exc
+    method = translated.requests[0].method
+    if method.reporting:  # a per-token list has no place in a Responses output item
+        raise APIError(400, f"the Responses API cannot carry the per-token '{method.reports}' "
+                       "a decoding method reports; use /v1/chat/completions", "decoding")
+    return translated
 
 
 async def create_response(request: Request, ctx: ServingContext):

@@ -8,8 +8,8 @@ tools, proxy-tuning's lanes and every other option render through it unchanged, 
 constant, so after the first request the prefix cache holds its keys and values.
 
 The answer ends where the model closes its fence and starts a new heading; those stop strings
-join the request's own. An answer that itself contains a fenced block followed by a level-one
-markdown heading would be cut there (documented in docs/alignment.md).
+join the request's own. An answer that itself closes a fenced block and then starts a line
+with '#' (a markdown heading of any level) is cut there (documented in docs/alignment.md).
 """
 
 from __future__ import annotations
@@ -105,9 +105,6 @@ _CONVERSATION = """\
 URIAL_TEMPLATE = "{% raw %}" + URIAL_PREFIX + "{% endraw %}" + _CONVERSATION
 # The model closes its answer's fence and opens the next heading; either ends the answer.
 URIAL_STOP = ("\n```\n\n#", "\n# Query:")
-
-
-ALIGNMENTS = ("none", "urial")
 
 
 def alignment_template(alignment: str) -> str | None:

@@ -56,6 +56,7 @@ def _named(table: dict, name: str, field: str, kind: str, option: str):
         raise ParamError(field, f"no {kind} named '{name}'; loaded: {known}", 404)
     return table[name]
 
+
 def resolve_method(ctx: ServingContext, raw: dict | None, planner: RequestPlanner
                    ) -> tuple[DecodingMethod, dict | None]:
     """The request's method (Plain without `decoding`) and what the response reports."""

@@ -154,6 +154,10 @@ def completion_requests(ctx: ServingContext, body: CompletionRequest,
         planner = _planner(ctx, shared, prompt, _lane_prompts(ctx, shared.served, prompt),
                            scoring=scoring is not None, chat=False, seed=body.seed)
         method, given = resolve_method(ctx, body.decoding, planner)
+        if len(prompts) > 1 and method.described():
+            raise APIError(400, "this decoding method decides per prompt (the response's "
+                           "decoding object reports it); send one prompt per request",
+                           "prompt")
         for i in range(body.n):
             params = sampling_params(body, max_tokens, body.logprobs, shared.limits.vocab_size,
                                      scoring, choice=i, adaptive=shared.adaptive,

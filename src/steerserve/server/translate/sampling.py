@@ -151,7 +151,18 @@ def chat_prompt(tokenizer, req: ChatCompletionRequest, tool_format: ToolFormat,
         param = "chat_template" if req.chat_template else "messages"
         raise APIError(400, f"the chat template failed on these messages: "
                        f"{type(exc).__name__}: {str(exc)[:200]}", param) from exc
+    if req.chat_template is None and alignment_template(alignment) is not None:
+        return with_bos(tokenizer, list(ids))
     return list(ids)
+
+
+def with_bos(tokenizer, ids: list[int]) -> list[int]:
+    """The BOS token first where the tokenizer puts one before plain text (Llama's, Mistral's):
+    a template of ours stands in for the model's, which would have written it."""
+    bos = tokenizer.bos_token_id
+    if bos is None or (ids and ids[0] == bos) or tokenizer("x")["input_ids"][:1] != [bos]:
+        return ids
+    return [bos, *ids]
 
 
 def completion_prompts(tokenizer, req: CompletionRequest, vocab_size: int) -> list[list[int]]:
