@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,13 @@ def test_centroids_of_another_width_stop_the_start(routed, tmp_path, llama):
     with pytest.raises(SystemExit, match="centroids are 10 wide"):
         build_context(ServerSettings(vectors_dir=None, routers=(("r", str(tmp_path)),)),
                       llama)
+
+
+def test_routing_runs_on_its_own_thread_and_is_kept(routed):
+    live = routed[0]
+    router = live.ctx.routers["r"]
+    assert complete(live, "A fresh prompt to route").status_code == 200
+    assert any(t.name.startswith("steerserve-routing") for t in threading.enumerate())
+    kept = len(router._recent)
+    assert complete(live, "A fresh prompt to route").status_code == 200
+    assert len(router._recent) == kept  # the same prompt again: its routing was kept

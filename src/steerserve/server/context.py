@@ -12,7 +12,7 @@ from typing import TypeVar
 
 from steerserve.adapters.lora.files import LoraAdapter
 from steerserve.adapters.lora.mix import MixCache
-from steerserve.adapters.routing.features import PromptRouter
+from steerserve.adapters.routing.features import PromptRouter, RoutingPending
 from steerserve.adapters.sae.autoencoder import SparseAutoencoder
 from steerserve.adapters.steering.store import VectorStore
 from steerserve.decoding.engine import EngineClient
@@ -27,6 +27,7 @@ from steerserve.server.shared_store import SharedStore
 from steerserve.server.translate.structured import GrammarCache
 
 Result = TypeVar("Result")
+MAX_ROUTINGS = 4  # a translation waits for at most this many routings (one per prompt today)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,10 @@ class ServingContext:
     tokenizer_worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
         1, thread_name_prefix="steerserve-tokenizer"))
     route_tokenizers: dict[str, object] = field(default_factory=dict)
+    # Routed-experts requests compute their routing here (a forward and a backward), so the
+    # request worker is never held by one (adapters/routing/features.py).
+    routing_worker: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
+        1, thread_name_prefix="steerserve-routing"))
     draining: threading.Event = field(default_factory=threading.Event)  # set on SIGTERM
     shared: SharedStore | None = None  # --shared-store: what replicas agree on
     saes: dict[str, SparseAutoencoder] = field(default_factory=dict)  # --sae, fixed at start
@@ -63,6 +68,17 @@ class ServingContext:
     async def off_loop(self, work: Callable[..., Result], *args) -> Result:
         return await asyncio.get_running_loop().run_in_executor(self.worker,
                                                                  partial(work, *args))
+
+    async def translate(self, work: Callable[..., Result], *args) -> Result:
+        """`work` (a body's translation) on the request worker; a routing it needs first is
+        computed on the routing worker, then the translation runs again and finds it."""
+        for _ in range(MAX_ROUTINGS):
+            try:
+                return await self.off_loop(work, *args)
+            except RoutingPending as pending:
+                await asyncio.get_running_loop().run_in_executor(self.routing_worker,
+                                                                 pending.compute)
+        return await self.off_loop(work, *args)
 
     async def on_tokenizer_worker(self, work: Callable[..., Result], *args) -> Result:
         return await asyncio.get_running_loop().run_in_executor(self.tokenizer_worker,

@@ -1,5 +1,9 @@
 """A prompt's routing feature, computed off the engine: ELREA's gradient, or a hidden state.
 
+Routing never runs on the request worker either: a request whose routing is not known yet
+raises RoutingPending from its translation; the server computes it on a thread of its own
+(ServingContext.translate) and translates again, now finding it among the recent routings.
+
 The feature model is a float32 copy of the base model taken before the engine touches it,
 with the router's feature adapter applied by forward hooks (y + s (x A^T) B^T, as peft does).
 The gradient feature is that of the prompt's own next-token loss with respect to the
@@ -7,13 +11,14 @@ adapter's B matrices in the router's feature layer (the only leaves that require
 autograd records the top of the network only), flattened in module-path (name) order and
 normalised.
 The hidden feature is the mean final hidden state of the prompt without the adapter. Both run
-on the request worker, one prompt at a time, never in the batched step.
+on the routing worker, one prompt at a time, never in the batched step.
 """
 
 from __future__ import annotations
 
 import copy
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -85,6 +90,20 @@ class FeatureModel:
 
 
 ROUTING_TOKENS = 512  # the prompt's last tokens a feature reads: bounds a routing's cost
+RECENT_ROUTINGS = 256  # kept, so a translation run again finds its own
+
+RoutingKey = tuple[tuple[int, ...], bool, int]  # (prompt's last tokens, by hidden, top_k)
+
+
+class RoutingPending(Exception):  # noqa: N818 (a signal, not an error)
+    """Raised where a routing is needed and not yet computed; `compute` computes it."""
+
+    def __init__(self, router: PromptRouter, key: RoutingKey) -> None:
+        super().__init__("routing pending")
+        self.router, self.key = router, key
+
+    def compute(self) -> None:
+        self.router.compute(self.key)
 
 
 class PromptRouter:
@@ -96,14 +115,30 @@ class PromptRouter:
         if features.width != router.centroids.shape[1]:
             raise ValueError(f"the router's centroids are {router.centroids.shape[1]} wide, "
                              f"its feature adapter's gradient {features.width}")
+        self._recent: OrderedDict[RoutingKey, list[tuple[str, float]]] = OrderedDict()
+        self._recent_lock = threading.Lock()
 
     @property
     def experts(self) -> tuple[str, ...]:
         return self.router.config.experts
 
     def route(self, prompt: list[int], by_hidden: bool, top_k: int) -> list[tuple[str, float]]:
-        """The experts for a prompt, from its last ROUTING_TOKENS tokens (a long prompt would
-        otherwise hold the request worker for seconds)."""
-        prompt = prompt[-ROUTING_TOKENS:]
-        feature = self.features.hidden(prompt) if by_hidden else self.features.gradient(prompt)
-        return self.router.route(feature, by_hidden, top_k)
+        """The experts for a prompt, from its last ROUTING_TOKENS tokens (bounding what one
+        routing costs); RoutingPending until it has been computed."""
+        key = (tuple(prompt[-ROUTING_TOKENS:]), by_hidden, top_k)
+        with self._recent_lock:
+            found = self._recent.get(key)
+            if found is not None:
+                self._recent.move_to_end(key)
+                return found
+        raise RoutingPending(self, key)
+
+    def compute(self, key: RoutingKey) -> None:
+        prompt, by_hidden, top_k = key
+        feature = (self.features.hidden(list(prompt)) if by_hidden
+                   else self.features.gradient(list(prompt)))
+        chosen = self.router.route(feature, by_hidden, top_k)
+        with self._recent_lock:
+            self._recent[key] = chosen
+            while len(self._recent) > RECENT_ROUTINGS:
+                self._recent.popitem(last=False)

@@ -2,12 +2,13 @@
 prompt is routed to the expert LoRA adapters whose training clusters its gradient resembles,
 and the chosen experts' logits are summed with the routing weights.
 
-Routing happens once per request, when the method is built (on the request worker, never in
-the batched step): the router (adapters/routing/) computes the prompt's feature, compares it
-with each cluster's centroid by cosine similarity, and keeps the `top_k` most similar, weighted
-by a softmax of their similarities over the router's temperature. `"routing": "hidden"` uses
-the mean final hidden state instead of the gradient: cheaper (a forward, no backward), and a
-deviation from the paper. The response's `decoding` object reports the experts and weights.
+Routing happens once per request, when the method is built, computed on the server's routing
+worker and never in the batched step (adapters/routing/): the prompt's feature is compared
+with each cluster's centroid by cosine similarity, and the `top_k` most similar are kept,
+weighted by a softmax of their similarities over the router's temperature. `"routing":
+"hidden"` uses the mean final hidden state instead of the gradient: cheaper (a forward, no
+backward), and a deviation from the paper. The response's `decoding` object reports the
+experts and weights.
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ async def respond(request: Request, ctx: ServingContext, route: Route[Body]) -> 
     raw = await read_body(request, ctx.settings.max_body_bytes)
     body = await ctx.off_loop(parse_body, raw, route.schema)
     meta_id = new_id(route.id_prefix)
-    translated = await ctx.off_loop(route.translate, ctx, body, meta_id)
+    translated = await ctx.translate(route.translate, ctx, body, meta_id)
     streams = open_streams(ctx, translated.requests)
     meta = ResponseMeta(meta_id, int(time.time()), body.model, translated.decoding)
     call = Call(body, translated, streams, meta)

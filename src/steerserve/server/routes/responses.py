@@ -62,7 +62,7 @@ async def create_response(request: Request, ctx: ServingContext):
     raw = await read_body(request, ctx.settings.max_body_bytes)
     body, chat = await ctx.off_loop(parse_responses, raw)
     response_id = f"resp_{uuid.uuid4().hex}"
-    translated = await ctx.off_loop(_translate, ctx, chat, response_id)
+    translated = await ctx.translate(_translate, ctx, chat, response_id)
     streams = open_streams(ctx, translated.requests)
     shape = Shape(response_id, f"msg_{uuid.uuid4().hex}", int(time.time()), body, chat,
                   translated.decoding)
