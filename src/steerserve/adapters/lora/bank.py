@@ -85,19 +85,23 @@ class LoraBank:
 
     # ---- per forward ---------------------------------------------------------------------
     @contextmanager
-    def activate(self, row_slots: list[int], tokens_per_row: int) -> Iterator[None]:
+    def activate(self, row_slots: list[int], tokens_per_row: int,
+                 rows: torch.Tensor | None = None) -> Iterator[None]:
+        """`rows`: row_slots as a tensor already on the device, when the caller has one."""
         if all(s < 0 for s in row_slots):
             yield
             return
-        self.active = self._batch(row_slots, tokens_per_row)
+        self.active = self._batch(row_slots, tokens_per_row, rows)
         try:
             yield
         finally:
             self.active = None
 
-    def _batch(self, row_slots: list[int], tokens_per_row: int) -> LoraBatch:
-        rows = torch.tensor(row_slots, dtype=torch.long, device=self.device)
-        token_slots = rows.repeat_interleave(tokens_per_row)  # (N,)
+    def _batch(self, row_slots: list[int], tokens_per_row: int,
+               rows: torch.Tensor | None) -> LoraBatch:
+        if rows is None:
+            rows = torch.tensor(row_slots, dtype=torch.long, device=self.device)
+        token_slots = rows if tokens_per_row == 1 else rows.repeat_interleave(tokens_per_row)
         used = tuple(sorted({s for s in row_slots if s >= 0}))
         block = (token_slots.unsqueeze(1) == torch.tensor(used, device=self.device))  # (N, U)
         scale = self.scaling[list(used)].to(self.dtype)  # (U,)

@@ -64,10 +64,12 @@ class SlotKVCache:
         return CacheWindow(self, slice(first_slot, first_slot + num_rows), start, None,
                            start + length)
 
-    def for_decode(self, first_slot: int, positions: torch.Tensor, kv_len: int) -> CacheWindow:
-        """Each row writes one token at its own position; reads 0..kv_len-1 (masked per row)."""
+    def for_decode(self, slots: torch.Tensor, first_slot: int, positions: torch.Tensor,
+                   kv_len: int) -> CacheWindow:
+        """Each row (slots: first_slot, first_slot + 1, ...) writes one token at its own
+        position; reads 0..kv_len-1 (masked per row)."""
         rows = slice(first_slot, first_slot + positions.shape[0])
-        return CacheWindow(self, rows, None, positions, kv_len)
+        return CacheWindow(self, rows, None, positions, kv_len, row_index=slots)
 
     def for_rows_at(self, first_slot: int, grid: torch.Tensor, kv_len: int) -> CacheWindow:
         """Row r writes its T tokens at positions grid[r] (a prefill after a reused prefix:
@@ -98,7 +100,7 @@ class CacheWindow:
 
     def __init__(self, cache: SlotKVCache, rows: slice, start: int | None,
                  positions: torch.Tensor | None, kv_len: int,
-                 grid: torch.Tensor | None = None) -> None:
+                 grid: torch.Tensor | None = None, row_index: torch.Tensor | None = None) -> None:
         self.cache = cache
         self.rows = rows
         self.start = start
@@ -106,7 +108,9 @@ class CacheWindow:
         self.grid = grid  # (B, T) positions of every written token, when rows start apart
         self.kv_len = kv_len
         indexed = positions if positions is not None else grid
-        if indexed is not None:
+        if row_index is not None:
+            self._row_index = row_index
+        elif indexed is not None:
             self._row_index = torch.arange(rows.start, rows.stop, device=indexed.device)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):

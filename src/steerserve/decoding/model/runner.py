@@ -20,6 +20,7 @@ from steerserve.decoding.model.hf_modules import ModuleDecoder
 from steerserve.decoding.model.kv_cache import SlotKVCache, cache_shape_for
 from steerserve.decoding.model.loader import LoadedModel
 from steerserve.decoding.model.packed import Projection
+from steerserve.decoding.model.step_inputs import StepInputs
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class ModelRunner:
         self.lane_slots = num_slots
         shape = cache_shape_for(self.model.config, num_slots + extra_slots, loaded.max_model_len)
         self.cache = SlotKVCache(shape, loaded.dtype, loaded.device)
+        self.inputs = StepInputs(num_slots + extra_slots, loaded.device)
         self.lora_bank = lora_bank
         self.forward_kind = choose_forward(self.model, forward)
         if self.forward_kind == "fused":
@@ -115,10 +117,11 @@ class ModelRunner:
         return self.logits(self.decoder.norm(hidden.to(self.lm_head.weight.dtype)))
 
     def _run(self, input_ids, position_ids, mask, window, lora_slots,
-             steering: SteeringPlan | None, capture: Capture | None) -> torch.Tensor:
+             steering: SteeringPlan | None, capture: Capture | None,
+             lora_rows: torch.Tensor | None = None) -> torch.Tensor:
         if self.lora_bank is None or lora_slots is None:
             return self.forward(input_ids, position_ids, mask, window, steering, capture)
-        with self.lora_bank.activate(lora_slots, input_ids.shape[1]):
+        with self.lora_bank.activate(lora_slots, input_ids.shape[1], lora_rows):
             return self.forward(input_ids, position_ids, mask, window, steering, capture)
 
     @torch.inference_mode()
@@ -126,13 +129,13 @@ class ModelRunner:
                lora_slots: list[int] | None = None,
                steering: SteeringPlan | None = None,
                capture: Capture | None = None) -> DecodeResult:
-        """One new token per row at its own position."""
-        ids = torch.tensor(tokens, device=self.device).unsqueeze(1)  # (B, 1)
-        pos = torch.tensor(positions, device=self.device)  # (B,)
-        kv_len = int(max(positions)) + 1
-        window = self.cache.for_decode(first_slot, pos, kv_len)
-        hidden = self._run(ids, pos.unsqueeze(1), decode_mask(pos, kv_len), window, lora_slots,
-                           steering, capture)
+        """One new token per row at its own position; the index tensors are views of the
+        runner's preallocated step inputs (decoding/model/step_inputs.py)."""
+        rows = self.inputs.decode(first_slot, tokens, positions, lora_slots)
+        window = self.cache.for_decode(rows.slots, first_slot, rows.positions, rows.kv_len)
+        hidden = self._run(rows.tokens.unsqueeze(1), rows.positions.unsqueeze(1),
+                           decode_mask(rows.positions, rows.kv_len), window, lora_slots,
+                           steering, capture, rows.adapters)
         return DecodeResult(self.logits(hidden[:, 0]), hidden[:, 0])
 
     @torch.inference_mode()
