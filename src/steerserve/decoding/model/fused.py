@@ -142,10 +142,10 @@ class FusedDecoder:
 
     def _rotation(self, x: torch.Tensor, position_ids: torch.Tensor,
                   table: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin, (B, 1, T, D), from the model's rotary module."""
+        """cos and sin, (B, T, 1, D), from the model's rotary module."""
         extra = (table,) if self._rotary_takes_table else ()
         cos, sin = self.rotary(x, position_ids, *extra)  # (B, T, D)
-        return cos.unsqueeze(1), sin.unsqueeze(1)
+        return cos.unsqueeze(2), sin.unsqueeze(2)
 
     def _lora(self, lora, key: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """Adds the rows' adapter deltas of projection `key` into y (a view of its output)."""
@@ -186,16 +186,16 @@ class FusedDecoder:
         self._lora_fused(lora, tuple(f"{attention}.{name}" for name in ("q_proj", "k_proj",
                                                                          "v_proj")),
                          h, qkv, (q, k, v))
-        q = q.view(batch, length, self.heads, self.head_dim)
-        k = k.view(batch, length, self.kv_heads, self.head_dim)
+        # queries and keys rotated as one tensor: half the small ops of rotating each
+        qk = qkv[..., :q_width + kv_width].view(batch, length, self.heads + self.kv_heads,
+                                                self.head_dim)
         if layer.q_norm is not None:
-            q = self.rms_norm(q, layer.q_norm, self.eps)
-            k = self.rms_norm(k, layer.k_norm, self.eps)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D)
-        v = v.reshape(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+            qk = torch.cat([self.rms_norm(qk[:, :, :self.heads], layer.q_norm, self.eps),
+                            self.rms_norm(qk[:, :, self.heads:], layer.k_norm, self.eps)], 2)
         cos, sin = rotation
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        qk = qk * cos + _rotate_half(qk) * sin
+        q, k = qk[:, :, :self.heads].transpose(1, 2), qk[:, :, self.heads:].transpose(1, 2)
+        v = v.reshape(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
         if window is not None:
             k, v = window.update(k, v, layer.index)  # (B, KV, L, D) up to the batch's length
         if layer.softcap is None and mask.additive is not None:
