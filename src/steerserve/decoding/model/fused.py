@@ -129,10 +129,11 @@ class FusedDecoder:
         return self.norm(x)
 
     def _masks(self, mask: torch.Tensor, dtype: torch.dtype) -> AttentionMasks:
-        """The boolean mask, and for a batched bf16/fp16 decode (the grouped path) the same as
-        additive rows per (row, KV head), made once per forward rather than once per layer."""
+        """The boolean mask, and for a decode on the grouped path (fp32 at any batch, bf16/fp16
+        batched) the same as additive rows per (row, KV head), made once per forward rather
+        than once per layer."""
         batch, _, length, keys = mask.shape
-        if length != 1 or batch == 1 or dtype == torch.float32:
+        if length != 1 or (batch == 1 and dtype != torch.float32):
             return AttentionMasks(mask)
         group = self.heads // self.kv_heads
         additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
@@ -237,15 +238,20 @@ class FusedDecoder:
 
     def _grouped_decode(self, layer: FusedLayer, q: torch.Tensor, k: torch.Tensor,
                         v: torch.Tensor, additive: torch.Tensor) -> torch.Tensor:
-        """Batched bf16/fp16 decode, one new position per row: the heads that share a KV head
-        attend as one batched matmul, with no repeated keys (2-3x faster than SDPA's kernel
-        here, docs/benchmarks.md; SDPA wins for one row and in fp32); scale and mask in one
-        baddbmm, the softmax upcasting itself (a step 1-6% faster than masking per layer,
-        benchmarks/decode_attention.py)."""
+        """Decode, one new position per row: the heads that share a KV head attend as one
+        batched matmul, with no repeated keys; scale and mask in one baddbmm, the softmax
+        upcasting itself (a step 1-6% faster than masking per layer,
+        benchmarks/decode_attention.py). bf16/fp16 batches copy the cache's window first
+        (see `_grouped_attention`; then 2-3x faster than SDPA's kernel, which wins for one
+        row); fp32 reads the strided window itself, 1.3-1.6x faster than SDPA at 8-64 rows
+        of 100 keys and level at 500, and runs for one row too, so a row's arithmetic does
+        not depend on the batch size (docs/benchmarks.md)."""
         batch, keys, group = q.shape[0], k.shape[2], self.heads // self.kv_heads
         rows = batch * self.kv_heads
-        k = k.contiguous().view(rows, keys, self.head_dim)  # strided views: see above
-        v = v.contiguous().view(rows, keys, self.head_dim)
+        if k.dtype != torch.float32:
+            k, v = k.contiguous(), v.contiguous()
+        # a slice of the slot cache's rows: slots and heads still fold into one dimension
+        k, v = k.reshape(rows, keys, self.head_dim), v.reshape(rows, keys, self.head_dim)
         grouped = q.reshape(rows, group, self.head_dim)
         scores = torch.baddbmm(additive, grouped, k.transpose(1, 2), alpha=layer.scale)
         weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
