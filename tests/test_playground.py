@@ -344,8 +344,8 @@ def test_a_json_schema_typed_into_the_page_shapes_the_answer(page):
     assert answer["state"] == "done" and json.loads(answer["text"])["mood"] in ("calm", "glad")
     assert request_body(page)["response_format"]["json_schema"]["schema"] == schema
     fill(page, "json-schema", "{not json")  # sent as typed: the server names the field
-    send(page, "Again?")
-    assert "response_format.json_schema.schema" in by_id(page, "error-text").text
+    send(page, "Again?")  # the reply comes back after the click: wait for it
+    wait_for(page, lambda d: "response_format.json_schema.schema" in by_id(d, "error-text").text)
 
 
 def test_tools_typed_into_the_page_show_the_call(page):

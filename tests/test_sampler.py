@@ -101,3 +101,18 @@ def test_logprobs_before_temperature():
     expected = logits.log_softmax(-1)[0]
     assert math.isclose(result.logprobs[0].item(), expected[0].item(), rel_tol=1e-6)
     assert result.top_ids[0].tolist() == [0, 1]
+
+
+def test_draw_never_picks_a_token_of_probability_zero():
+    logits = torch.tensor([[0.0, 0.0, float("-inf"), float("-inf")]]).repeat(4, 1)
+    rows = [RowState(SamplingParams(temperature=1.0), None,
+                     torch.Generator().manual_seed(i) if i % 2 else None) for i in range(4)]
+    picked = {t for _ in range(200) for t in sample(logits.clone(), rows).tokens.tolist()}
+    assert picked == {0, 1}
+
+
+def test_a_row_that_is_no_distribution_stays_inside_the_vocabulary():
+    logits = torch.full((2, 5), float("nan"))
+    rows = [RowState(SamplingParams(temperature=1.0)), RowState(SamplingParams(temperature=1.0))]
+    tokens = sample(logits, rows).tokens
+    assert ((tokens >= 0) & (tokens < 5)).all()

@@ -146,7 +146,9 @@ def draw(probs: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
     total = cumulative[:, -1]
     # below the total even where u * total rounds up to it: the last kept token then wins
     target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cumulative, target.unsqueeze(1), right=True).squeeze(1)
+    tokens = torch.searchsorted(cumulative, target.unsqueeze(1), right=True).squeeze(1)
+    # a row that is no distribution (a model's NaN): its argmax, never an index past the end
+    return torch.where(total > 0, tokens, probs.argmax(dim=-1))
 
 
 def logprob_summary(logprobs: torch.Tensor, tokens: torch.Tensor, rows: list[RowState]):
