@@ -122,29 +122,33 @@ class LoraBank:
     def apply_fused(self, keys: tuple[str, ...], widths: tuple[int, ...], x: torch.Tensor,
                     y: torch.Tensor, batch: LoraBatch) -> None:
         """Dense path for projections sharing their input whose outputs are one tensor
-        y = [y_0 | y_1 | ...] (widths): one product with the stacked A's, one with a
-        block-diagonal B; projections no adapter targets add zeros."""
+        y = [y_0 | y_1 | ...] (widths): one product with the stacked A's, then one product
+        per adapted projection into its part of y (a block-diagonal B in one product read
+        its zero blocks too: 1.2-1.5x slower at 32-64 rows, docs/benchmarks.md)."""
         present = [key for key in keys if key in self.lora_a]
         if not present:
             return
-        a_used, b_used = self._dense_fused(keys, widths, batch.used, batch.rank)
-        shrunk = (x @ a_used.T).view(x.shape[0], len(present), -1)  # (N, K, U * r)
-        y.addmm_(shrunk.mul_(batch.mask.unsqueeze(1)).flatten(1), b_used)
+        a_used, parts = self._dense_fused(keys, widths, batch.used, batch.rank)
+        shrunk = (x @ a_used.T).view(x.shape[0], len(parts), -1)  # (N, K, U * r)
+        shrunk.mul_(batch.mask.unsqueeze(1))
+        for i, (offset, b_used) in enumerate(parts):
+            y[:, offset:offset + b_used.shape[1]].addmm_(shrunk[:, i], b_used)
 
     def _dense_fused(self, keys: tuple[str, ...], widths: tuple[int, ...],
-                     used: tuple[int, ...], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     used: tuple[int, ...], rank: int
+                     ) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
+        """The adapted projections' A's stacked (K * U * r, in), and each one's output offset
+        and (U * r, out) B."""
         cached = self._dense_cache.get((keys, used))
         if cached is None:
-            blocks = [(key, offset) for key, offset in
-                      zip(keys, [sum(widths[:i]) for i in range(len(keys))], strict=True)
-                      if key in self.lora_a]
-            parts = [self._dense(key, used, rank) for key, _ in blocks]
-            a = torch.cat([a for a, _ in parts])  # (K * U * r, in)
-            b = torch.zeros(a.shape[0], sum(widths), dtype=self.dtype, device=self.device)
-            for i, ((_, offset), (_, part_b)) in enumerate(zip(blocks, parts, strict=True)):
-                rows = slice(i * part_b.shape[0], (i + 1) * part_b.shape[0])
-                b[rows, offset:offset + part_b.shape[1]] = part_b
-            cached = self._dense_cache[(keys, used)] = (a, b)
+            offsets = [sum(widths[:i]) for i in range(len(keys))]
+            present = [(key, offset) for key, offset in zip(keys, offsets, strict=True)
+                       if key in self.lora_a]
+            dense = [self._dense(key, used, rank) for key, _ in present]
+            a = torch.cat([part_a for part_a, _ in dense])
+            parts = [(offset, part_b) for (_, offset), (_, part_b) in
+                     zip(present, dense, strict=True)]
+            cached = self._dense_cache[(keys, used)] = (a, parts)
         return cached
 
     def _apply_kernels(self, key: str, x: torch.Tensor, y: torch.Tensor,

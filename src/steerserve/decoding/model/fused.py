@@ -164,7 +164,7 @@ class FusedDecoder:
     def _lora_fused(self, lora, keys: tuple[str, ...], x: torch.Tensor, y: torch.Tensor,
                     parts: tuple[torch.Tensor, ...]) -> None:
         """The deltas of projections fused into one output y (QKV, gate/up): on the dense
-        path one product pair for all of them (fewer small ops per layer, measured in
+        path one shrinking product for all of them, then one per part (measured in
         docs/benchmarks.md); the kernels take them one by one."""
         if lora is None:
             return
