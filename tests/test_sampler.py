@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from steerserve.decoding.sampling.history import TokenHistory
@@ -48,15 +49,15 @@ def reference_mask(logits: torch.Tensor, top_k: int, top_p: float, min_p: float)
     return torch.zeros_like(removed).scatter_(0, order, removed)
 
 
-def test_partial_ranking_truncates_exactly_as_a_full_sort():
+@pytest.mark.parametrize("vocab", [3000, 20000])  # the second one has every ranking tier
+def test_partial_ranking_truncates_exactly_as_a_full_sort(vocab):
     """Rows whose kept set ends inside the ranked candidates and rows that reach past them
     (flat distributions, top-p near 1, top-k past the candidates), in one batch."""
     torch.manual_seed(0)
-    vocab = 3000
     settings = [dict(top_p=0.9), dict(top_p=0.999), dict(top_k=40), dict(top_k=1000),
                 dict(min_p=0.05), dict(min_p=1e-6), dict(top_k=300, top_p=0.95, min_p=0.01),
-                dict(), dict(top_p=0.5)]
-    for sharpness in (0.1, 1.0, 4.0):  # flat to peaked
+                dict(), dict(top_p=0.5), dict(top_k=6000, top_p=0.99)]
+    for sharpness in (0.1, 1.0, 2.5, 4.0):  # flat to peaked
         logits = torch.randn(len(settings), vocab) * sharpness
         rows = [RowState(SamplingParams(**setting)) for setting in settings]
         mask = truncation_mask(logits.clone(), rows)

@@ -73,32 +73,49 @@ def apply_penalties(logits: torch.Tensor, rows: list[RowState]) -> None:
                             + presence.unsqueeze(1) * (counts > 0).to(logits.dtype))
 
 
-CANDIDATES = 256  # tokens ranked per row before truncating; a row that may keep more sorts all
+CANDIDATES = (256, 4096)  # tokens ranked per row before truncating, tier by tier
 
 
 def truncation_mask(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
     """Boolean (B, V) mask of tokens removed by each row's top-k, top-p and min-p.
 
-    Exact, and cheap for the usual settings: ranking the top CANDIDATES (a partial sort) is
-    enough for a row whose kept set ends inside them (top-k within them, or their mass
-    reaching top-p, or min-p cutting inside them); only other rows sort the whole vocabulary
-    (a full sort of 32 rows of 49k logits took 61 ms on the 2-core CI machine, top-256 3 ms)."""
+    Exact, and cheap for the usual settings: ranking a row's top candidates (a partial sort)
+    is enough when its kept set ends inside them (top-k within them, or their mass reaching
+    top-p, or min-p cutting inside them). Rows try 256 candidates, then 4096, and only rows
+    that keep more sort the whole vocabulary (on 8 rows of 49k logits, 2-core machine: a full
+    sort 15 ms, top-4096 2.9 ms, top-256 0.8 ms)."""
     vocab = logits.shape[-1]
     params = _truncation_params(rows, vocab, logits.device)
-    count = min(CANDIDATES, vocab)
-    top_logits, top_ids = logits.topk(count, dim=-1)  # (B, K), descending
-    probs = (top_logits - logits.logsumexp(dim=-1, keepdim=True)).exp()
-    removed_top = _removed_ranks(probs, *params)
-    top_k, top_p, min_p = params
-    ends_inside = ((top_k <= count) | (probs.sum(dim=-1) >= top_p)
+    removed = torch.zeros_like(logits, dtype=torch.bool)
+    pending = [i for i, r in enumerate(rows) if r.params.truncates]
+    for count in CANDIDATES:
+        if not pending or count >= vocab:
+            break
+        part = logits if len(pending) == len(rows) else logits[pending]
+        ranked, ends_inside = _ranked_mask(part, count, *(p[pending] for p in params))
+        inside = ends_inside.tolist()
+        removed[[i for i, ok in zip(pending, inside, strict=True) if ok]] = ranked[ends_inside]
+        pending = [i for i, ok in zip(pending, inside, strict=True) if not ok]
+    if pending:
+        removed[pending] = _full_sort_mask(logits[pending], *(p[pending] for p in params))
+    return removed
+
+
+def _ranked_mask(logits: torch.Tensor, count: int, top_k: torch.Tensor, top_p: torch.Tensor,
+                 min_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The removal mask from each row's top `count` logits, and whether the row's kept set
+    ends inside them (where it does not, the mask is not the row's)."""
+    top_ids = logits.topk(count, dim=-1).indices  # (R, K), descending
+    # the full sort's probabilities to the last bit, so a boundary at top-p falls alike
+    probs = logits.softmax(dim=-1).gather(1, top_ids)
+    removed_top = _removed_ranks(probs, top_k, top_p, min_p)
+    # the candidates' mass as the ranks' own cumulative sum sees it (a sum reduced in another
+    # order can reach top_p where the cumulative sum does not); top_p = 1 keeps everything
+    mass = probs.cumsum(dim=-1)[:, -1]
+    ends_inside = ((top_k <= count) | ((mass >= top_p) & (top_p < 1))
                    | (probs[:, -1] < min_p * probs[:, 0]))
     removed = torch.ones_like(logits, dtype=torch.bool).scatter_(1, top_ids, removed_top)
-    untruncated = torch.tensor([not r.params.truncates for r in rows], device=logits.device)
-    removed[untruncated] = False
-    outside = (~ends_inside & ~untruncated).nonzero().squeeze(1).tolist()
-    if outside:
-        removed[outside] = _full_sort_mask(logits[outside], *(p[outside] for p in params))
-    return removed
+    return removed, ends_inside
 
 
 def _truncation_params(rows: list[RowState], vocab: int, device: torch.device):
@@ -124,8 +141,9 @@ def _removed_ranks(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 
 def _full_sort_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                     min_p: torch.Tensor) -> torch.Tensor:
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    removed = _removed_ranks(sorted_logits.softmax(dim=-1), top_k, top_p, min_p)
+    # softmax in vocabulary order, then sorted: the ranked tiers' probabilities, bit for bit
+    probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
+    removed = _removed_ranks(probs, top_k, top_p, min_p)
     return torch.zeros_like(removed).scatter_(1, order, removed)
 
 
