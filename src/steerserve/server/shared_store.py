@@ -82,11 +82,15 @@ class SharedStore:
                                {"path": str(path)})
         with self._lock:
             self._shared_loras.add(name)
+            # the directory may return to the listing of the last sync (another replica
+            # retracts this file before we sync again): compare afresh next time
+            self._seen.pop(self.loras, None)
 
     def retract_lora(self, name: str) -> None:
         path_for(self.loras, name, ".json", "adapter").unlink(missing_ok=True)
         with self._lock:
             self._shared_loras.discard(name)
+            self._seen.pop(self.loras, None)
 
     # ---- readers -------------------------------------------------------------------------------
     def sync(self, ctx: ServingContext) -> None:
