@@ -42,12 +42,12 @@ class StepInputs:
         count = len(tokens)
         if first_slot + count > self.rows:
             raise ValueError(f"rows {first_slot}..{first_slot + count - 1} are past the "
-                             f"{self.rows} lane slots")
+                             f"{self.rows} slots")
         self._fill[TOKENS, :count] = tokens
         self._fill[POSITIONS, :count] = positions
         self._fill[ADAPTERS, :count] = -1 if adapters is None else adapters
         filled = self._host[:, :count]
-        if self.device.type != "cpu":
+        if self.device.type != "cpu":  # the step's sampling syncs before the next fill
             filled = filled.to(self.device, non_blocking=True)
         return DecodeRows(filled[TOKENS], filled[POSITIONS], filled[ADAPTERS],
                           self._slots[first_slot:first_slot + count], max(positions) + 1)
