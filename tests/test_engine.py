@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from steerserve.decoding.engine.admission import Inadmissible
 from steerserve.decoding.request import FinishReason
 from steerserve.decoding.sampling.params import SamplingParams
 from tests.engine_helpers import Collector, generate_alone, hf_greedy, run_to_completion
@@ -171,7 +172,7 @@ def test_logprobs_describe_the_sampled_distribution(llama):
     records = [r for o in collector.outputs["lp"] for r in o.logprobs]
     assert len(records) == 3
     with torch.no_grad():
-        logits = llama.model(torch.tensor([prompt])).logits[0, -1].float()
+        logits = llama.model(torch.tensor([prompt], device=llama.device)).logits[0, -1].float()
     expected = logits.log_softmax(-1)
     first = records[0]
     assert first.token_id == int(expected.argmax())
@@ -192,7 +193,8 @@ def test_prompt_logprobs_match_a_plain_forward(llama):
     assert collector.tokens("echo") == []
     assert scored[0].logprob is None and len(scored) == len(prompt)
     with torch.no_grad():
-        logprobs = llama.model(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+        ids = torch.tensor([prompt], device=llama.device)
+        logprobs = llama.model(ids).logits[0].float().log_softmax(-1)
     for position in range(1, len(prompt)):
         expected = float(logprobs[position - 1, prompt[position]])
         assert scored[position].logprob == pytest.approx(expected, abs=1e-4)
@@ -215,20 +217,28 @@ def test_context_limit_finishes_with_length(tokenizer):
     assert collector.last("c").finish_reason == FinishReason.LENGTH
 
 
-def test_engine_thread_survives_a_failing_step(llama, llama_reference):
+def test_engine_thread_survives_a_failing_step(llama, llama_reference, monkeypatch):
     """A step that raises fails the lanes in it with an error output; the engine goes on."""
     engine = make_engine(llama)
+    runner = engine.primary.runner
+    bad, real_prefill = encode(llama.tokenizer, PROMPTS[2]), runner.prefill
+
+    def failing_prefill(first_slot, prompts, *args, **kwargs):
+        if bad in prompts:  # a fault inside the forward, the same on every device
+            raise RuntimeError("injected fault in the forward")
+        return real_prefill(first_slot, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "prefill", failing_prefill)
     done = threading.Event()
     collector = Collector()
     engine.start()
     try:
-        bad = [len(llama.tokenizer) + 1000]  # past the embedding table: the forward raises
         collector.submit(engine, "bad", bad, GREEDY)
         deadline = time.monotonic() + 30
         while not collector.outputs["bad"] and time.monotonic() < deadline:
             done.wait(0.05)
         assert collector.last("bad").finish_reason == FinishReason.ERROR
-        assert collector.last("bad").error
+        assert "injected fault" in collector.last("bad").error
         prompt = encode(llama.tokenizer, PROMPTS[0])
         collector.submit(engine, "good", prompt, GREEDY)
         while not (collector.outputs["good"] and collector.last("good").finished):
@@ -238,3 +248,15 @@ def test_engine_thread_survives_a_failing_step(llama, llama_reference):
         assert engine.num_running == 0
     finally:
         engine.stop()
+
+
+def test_prompt_ids_outside_the_vocabulary_are_refused_before_any_step(llama):
+    """Past the embedding table a forward fails: on a GPU with a device-side assert that ends
+    the process's CUDA context, so such ids never reach a step."""
+    engine = make_engine(llama)
+    vocab = llama.model.config.vocab_size
+    for bad in ([5, vocab], [-1, 5]):
+        with pytest.raises(Inadmissible, match="outside the vocabulary") as refused:
+            Collector().submit(engine, "bad", bad, GREEDY)
+        assert refused.value.field == "prompt"
+    assert engine.num_waiting == 0 and not engine.has_work()

@@ -38,6 +38,16 @@ def unique_specs(specs: tuple[LaneSpec, ...]) -> list[LaneSpec]:
     return unique
 
 
+def _check_token_ids(spec: LaneSpec, vocab_size: int, multi_lane: bool) -> None:
+    """An id past the embedding table fails the forward: on a CPU with an IndexError inside
+    the step; on a GPU with a device-side assert that ends the process's CUDA context."""
+    low, high = min(spec.prompt_ids), max(spec.prompt_ids)
+    if low < 0 or high >= vocab_size:
+        raise Inadmissible(f"prompt token id {low if low < 0 else high} is outside the "
+                           f"vocabulary of '{spec.model}' (0..{vocab_size - 1})",
+                           "decoding" if multi_lane else "prompt")
+
+
 class Admission:
     def __init__(self, models: dict[str, HostedModel]) -> None:
         self.models = models
@@ -45,8 +55,8 @@ class Admission:
     # ---- before it is queued (any thread) --------------------------------------------------
     def check(self, request: EngineRequest) -> None:
         """Raise Inadmissible when the request could never be admitted or would trip a step:
-        an unknown model, a lane prompt past its model's context, more lanes or adapters than
-        the model holds at once."""
+        an unknown model, a lane prompt past its model's context or with a token id outside
+        its vocabulary, more lanes or adapters than the model holds at once."""
         unique = unique_specs(request.lanes)
         lanes: dict[str, int] = {}
         adapters: dict[str, set[int]] = {}
@@ -58,6 +68,7 @@ class Admission:
                 raise Inadmissible(f"a lane on '{spec.model}' has {len(spec.prompt_ids)} prompt "
                                    f"tokens; that model's context is {hosted.info.max_model_len}"
                                    " tokens", "decoding" if len(request.lanes) > 1 else "prompt")
+            _check_token_ids(spec, hosted.info.vocab_size, len(request.lanes) > 1)
             lanes[spec.model] = lanes.get(spec.model, 0) + 1
             if spec.adapter is not None:
                 adapters.setdefault(spec.model, set()).add(id(spec.adapter))
