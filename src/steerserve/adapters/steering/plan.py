@@ -84,7 +84,7 @@ def _residual_call(rows: RowEdits, mask: torch.Tensor | None,
             index[r][k], scale[r][k], mode[r][k] = slot[key], edit.scale, int(edit.mode)
     normalize = [any(e.normalize for e in edits) for edits in rows]
     return ResidualCall(
-        torch.stack(vectors), torch.tensor(index, dtype=torch.int32, device=device),
+        torch.stack(vectors).to(device), torch.tensor(index, dtype=torch.int32, device=device),
         torch.tensor(scale, dtype=torch.float32, device=device),
         torch.tensor(mode, dtype=torch.int8, device=device),
         torch.tensor(normalize, device=device), mask)
@@ -98,7 +98,8 @@ def _head_call(rows: RowEdits, mask: torch.Tensor | None, device: torch.device) 
             continue
         index.append(len(offsets))  # several head edits on a layer are additive: sum them
         offsets.append(sum(e.scale * e.vector for e in edits))
-    return HeadCall(torch.stack(offsets), torch.tensor(index, dtype=torch.int32, device=device),
+    return HeadCall(torch.stack(offsets).to(device),
+                    torch.tensor(index, dtype=torch.int32, device=device),
                     torch.ones(len(rows), device=device), mask)
 
 
@@ -118,10 +119,10 @@ def _feature_call(rows: list[list[FeatureEdit]], mask: torch.Tensor | None,
             index[r][k], value[r][k] = unique[edit.key], edit.value
             mode[r][k] = MODE_CLAMP if edit.clamp else MODE_ADD
     return FeatureCall(
-        torch.stack([f.encoder for f in features]),
+        torch.stack([f.encoder for f in features]).to(device),
         torch.tensor([f.bias for f in features], dtype=torch.float32, device=device),
         torch.tensor([f.threshold for f in features], dtype=torch.float32, device=device),
-        torch.stack([f.decoder for f in features]),
+        torch.stack([f.decoder for f in features]).to(device),
         torch.tensor(index, dtype=torch.int32, device=device),
         torch.tensor(mode, dtype=torch.int8, device=device),
         torch.tensor(value, dtype=torch.float32, device=device), mask)

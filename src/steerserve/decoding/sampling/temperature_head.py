@@ -125,7 +125,10 @@ class TemperatureHead(nn.Module):
                 indices = logits.argmax(dim=-1)
             else:
                 probs = torch.softmax(logits, dim=-1)
+                if generator is not None:  # made on the model's device; the head may differ
+                    probs = probs.to(generator.device)
                 indices = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+                indices = indices.to(logits.device)
         return indices, self.temperatures[indices]
 
 
