@@ -20,6 +20,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# Where the tiny models run: cpu here and in CI; STEERSERVE_TEST_DEVICE=cuda runs the engine's
+# tests natively on a lent GPU (the engine, its forward and its references on the same device).
+TEST_DEVICE = torch.device(os.environ.get("STEERSERVE_TEST_DEVICE", "cpu"))
+
 from steerserve.decoding.model.loader import LoadedModel, from_pretrained_objects, load_model  # noqa: E402
 from tests.support import API_KEY, LiveServer  # noqa: E402
 from tests.tiny_models import (  # noqa: E402
@@ -44,11 +48,12 @@ def _tiny_model_fixtures(name: str, build):
 
     @pytest.fixture(scope="session", name=name)
     def loaded(tokenizer) -> LoadedModel:
-        return from_pretrained_objects(build(len(tokenizer)), tokenizer, f"tiny-{name}")
+        model = build(len(tokenizer)).to(TEST_DEVICE)
+        return from_pretrained_objects(model, tokenizer, f"tiny-{name}")
 
     @pytest.fixture(scope="session", name=f"{name}_reference")
     def reference(tokenizer):
-        return build(len(tokenizer))
+        return build(len(tokenizer)).to(TEST_DEVICE)
 
     return loaded, reference
 

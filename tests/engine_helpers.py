@@ -62,7 +62,7 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     """Greedy tokens from HF `generate` on a model the engine never touched."""
     if getattr(model, "_steerserve_taken", False):
         raise AssertionError("the oracle must be an untouched copy, not the engine's model")
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          do_sample=False, eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()

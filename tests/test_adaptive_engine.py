@@ -51,7 +51,7 @@ def entropy(logits: torch.Tensor) -> float:
 
 def first_logits(loaded, prompt: list[int]) -> torch.Tensor:
     with torch.inference_mode():
-        return loaded.model(torch.tensor([prompt])).logits[0, -1]
+        return loaded.model(torch.tensor([prompt], device=loaded.device)).logits[0, -1]
 
 
 def test_edt_first_temperature_follows_the_formula(llama):

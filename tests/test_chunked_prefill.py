@@ -105,7 +105,8 @@ def test_a_scored_prompt_is_chunked_and_its_logprobs_exact(llama, llama_referenc
     scored = collector.last("scored").prompt_logprobs
     assert len(scored) == len(LONG) and all(len(s.top) == 2 for s in scored[1:])
     with torch.no_grad():
-        logprobs = llama_reference(torch.tensor([LONG])).logits[0].float().log_softmax(-1)
+        ids = torch.tensor([LONG], device=llama_reference.device)
+        logprobs = llama_reference(ids).logits[0].float().log_softmax(-1)
     for position in range(1, len(LONG)):
         expected = float(logprobs[position - 1, LONG[position]])
         assert scored[position].logprob == pytest.approx(expected, abs=1e-4)

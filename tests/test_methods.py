@@ -64,7 +64,7 @@ def lsm(logits: torch.Tensor) -> torch.Tensor:
 
 def last_logits(model, ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
-        return model(torch.tensor([ids])).logits[0, -1].float()
+        return model(torch.tensor([ids], device=model.device)).logits[0, -1].float()
 
 
 def reference_loop(prompt: list[int], score) -> tuple[list[int], list[float]]:

@@ -60,7 +60,8 @@ def test_only_lanes_whose_keys_are_their_tokens_reuse(llama, llama_reference):
     run_to_completion(engine)
     assert engine.stats.cached_prompt_tokens == 0
     with torch.no_grad():
-        logprobs = llama_reference(torch.tensor([PROMPTS[1]])).logits[0].float().log_softmax(-1)
+        ids = torch.tensor([PROMPTS[1]], device=llama_reference.device)
+        logprobs = llama_reference(ids).logits[0].float().log_softmax(-1)
     scored = collector.last("scored").prompt_logprobs
     for position in range(1, len(PROMPTS[1])):
         expected = float(logprobs[position - 1, PROMPTS[1][position]])
