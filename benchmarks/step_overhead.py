@@ -96,9 +96,10 @@ def steering_costs(runner: ModelRunner, hidden: int, repeats: int) -> dict[str, 
                        for name, plan in plans.items()}, repeats)
 
 
-def engine_costs(loaded: LoadedModel, repeats: int) -> dict[str, float]:
-    """Engine.step in steady decoding vs the bare forward over the same 32 lanes."""
-    rows, prompt = 32, tuple(range(10, 42))
+def running_engine(loaded: LoadedModel, rows: int) -> Engine:
+    """An engine with `rows` endless requests, every one past its prefill: half greedy, half
+    top-p sampled, some seeded."""
+    prompt = tuple(range(10, 42))
     engine = Engine(loaded, EngineConfig(max_num_seqs=rows))
     for i in range(rows):
         params = SamplingParams(max_tokens=10_000, temperature=0.0 if i % 2 else 0.8,
@@ -106,7 +107,16 @@ def engine_costs(loaded: LoadedModel, repeats: int) -> dict[str, float]:
         engine.submit(EngineRequest(str(i), prompt, params, Plain((LaneSpec(loaded.name,
                                                                             prompt),))),
                       lambda _: None)
-    engine.step()  # the prefill
+    while engine.num_waiting or len(engine.primary.slots.lanes) < rows:
+        engine.step()  # the prefills, a budget of prompt tokens a step
+    engine.step()  # every lane decoding
+    return engine
+
+
+def engine_costs(loaded: LoadedModel, repeats: int) -> dict[str, float]:
+    """Engine.step in steady decoding vs the bare forward over the same 32 lanes."""
+    rows = 32
+    engine = running_engine(loaded, rows)
     runner, lanes = engine.primary.runner, engine.primary.slots.lanes
     return medians_ms({"engine step": engine.step, "bare decode forward": lambda: runner.decode(
         0, [5] * rows, [lane.cached_length for lane in lanes])}, repeats)
