@@ -1,11 +1,17 @@
 """The prefix cache: prompts that start like a recent one prefill only the rest, and decode
-exactly as without it (HF generate on an untouched model is the oracle)."""
+exactly as without it (HF generate on an untouched model is the oracle, or an engine with no
+prefix cache for adapters and steering); lanes share prefixes only within their scope."""
 
 from __future__ import annotations
 
+import copy
+import gc
+
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 
+from steerserve.adapters.lora.files import load_lora_adapter
 from steerserve.adapters.steering.spec import (
     ApplyTo,
     SteerEdit,
@@ -13,10 +19,13 @@ from steerserve.adapters.steering.spec import (
     SteerMode,
     SteerTarget,
 )
-from steerserve.decoding.model.prefix_cache import MIN_REUSE, common_prefix
+from steerserve.decoding.engine.core import Engine
+from steerserve.decoding.model.loader import from_pretrained_objects
+from steerserve.decoding.model.prefix_cache import MIN_REUSE, Scope, common_prefix
 from steerserve.decoding.sampling.params import SamplingParams
 from tests.engine_helpers import Collector, hf_greedy, run_to_completion
 from tests.support import make_engine
+from tests.tiny_models import tiny_llama
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 SHARED = [1] + list(range(40, 70))  # a 31-token "system prompt"
@@ -77,3 +86,94 @@ def test_short_prefixes_are_not_worth_it(llama):
     collector.submit(engine, "b", short + [4], GREEDY)
     run_to_completion(engine)
     assert engine.stats.cached_prompt_tokens == 0
+
+
+def _scoped_engines(tokenizer, tmp_path) -> tuple[Engine, Engine, list]:
+    """Two engines on two copies of one tiny Llama (LoRA wraps a model, so neither is the
+    shared fixture), the first with a prefix cache, the second without (the oracle: every
+    prompt prefilled whole), and two random adapters on the attention projections."""
+    engines = [make_engine(from_pretrained_objects(tiny_llama(len(tokenizer)), tokenizer,
+                                                   "base"), max_loras=2, max_lora_rank=4,
+                           prefix_cache_slots=slots) for slots in (3, 0)]
+    adapters = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        config = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"],
+                            init_lora_weights=False)
+        get_peft_model(copy.deepcopy(tiny_llama(len(tokenizer))), config).save_pretrained(
+            tmp_path / str(seed))
+        adapters.append(load_lora_adapter(str(seed), tmp_path / str(seed),
+                                          engines[0].primary.lora_slots.bank.linears, 4))
+    return engines[0], engines[1], adapters
+
+
+def _run_in_rounds(engine: Engine, rounds: list[list[tuple]]) -> Collector:
+    """Each round's requests (id, prompt, adapter, steering) submitted together, run to the
+    end before the next round."""
+    collector = Collector()
+    for requests in rounds:
+        for request_id, prompt, adapter, steering in requests:
+            collector.submit(engine, request_id, prompt, GREEDY, adapter, steering)
+        run_to_completion(engine)
+    return collector
+
+
+def _steering(vector: torch.Tensor, apply_to: ApplyTo = ApplyTo.BOTH) -> SteeringSpec:
+    return SteeringSpec((SteerEdit(0, SteerTarget.RESIDUAL, vector, 4.0, SteerMode.ADD, False,
+                                   apply_to),))
+
+
+def _assert_decoded_as_without_cache(cached: Engine, uncached: Engine, rounds) -> None:
+    with_cache, without = _run_in_rounds(cached, rounds), _run_in_rounds(uncached, rounds)
+    for requests in rounds:
+        for request_id, *_ in requests:
+            assert with_cache.tokens(request_id) == without.tokens(request_id), request_id
+
+
+def test_lanes_share_prefixes_only_with_lanes_of_their_adapter(tokenizer, tmp_path):
+    cached, uncached, (first, second) = _scoped_engines(tokenizer, tmp_path)
+    rounds = [[("warm", PROMPTS[0], first, None)],
+              [("same adapter", PROMPTS[1], first, None),
+               ("other adapter", PROMPTS[1], second, None), ("plain", PROMPTS[1], None, None)]]
+    _assert_decoded_as_without_cache(cached, uncached, rounds)
+    assert cached.stats.cached_prompt_tokens == len(SHARED)  # the same adapter's lane only
+
+
+def test_steered_lanes_share_prefixes_with_lanes_steered_alike(tokenizer, tmp_path):
+    """Alike by content: each request resolves its own spec and tensors."""
+    cached, uncached, _ = _scoped_engines(tokenizer, tmp_path)
+    ones = torch.ones(64)
+    rounds = [[("warm", PROMPTS[0], None, _steering(ones))],
+              [("alike", PROMPTS[1], None, _steering(ones.clone())),
+               ("other vector", PROMPTS[1], None, _steering(-ones)),
+               ("plain", PROMPTS[1], None, None)]]
+    _assert_decoded_as_without_cache(cached, uncached, rounds)
+    assert cached.stats.cached_prompt_tokens == len(SHARED)
+
+
+def test_steering_only_generated_tokens_shares_the_plain_prefixes(tokenizer, tmp_path):
+    """Such a lane's prompt keys are a plain lane's, but for the last position: its edit acts
+    there (that position yields the first token), so that one is never shared."""
+    cached, uncached, _ = _scoped_engines(tokenizer, tmp_path)
+    generation = _steering(torch.ones(64) * 4, ApplyTo.GENERATION)
+    longer = PROMPTS[1] + [11, 12, 13]
+    rounds = [[("warm", PROMPTS[0], None, None)],
+              [("steered", PROMPTS[1], None, generation)],
+              [("plain after it", longer, None, None)]]
+    _assert_decoded_as_without_cache(cached, uncached, rounds)
+    # the steered lane reused the system prompt; the plain one its prompt but the last token
+    assert cached.stats.cached_prompt_tokens == len(SHARED) + len(PROMPTS[1]) - 1
+
+
+def test_scopes_compare_adapters_by_identity_and_hold_them_weakly():
+    class Adapter:  # a dataclass adapter loaded twice would compare equal by value
+        pass
+
+    adapter, again = Adapter(), Adapter()
+    assert Scope(adapter) == Scope(adapter) and Scope() == Scope()
+    assert Scope(adapter) != Scope(again) and Scope(adapter) != Scope()
+    assert Scope(adapter, b"x") != Scope(adapter)
+    unloaded = Scope(again)
+    del again
+    gc.collect()
+    assert unloaded != Scope()  # a dead adapter's entries match nothing, plain lanes included

@@ -8,6 +8,8 @@ after block N as well).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 
@@ -90,6 +92,33 @@ class SteeringSpec:
 
     def __bool__(self) -> bool:
         return bool(self.edits or self.features)
+
+    @functools.cached_property
+    def prompt_digest(self) -> bytes | None:
+        """A digest of everything done to prompt positions (None: nothing): two specs with
+        the same digest give a prompt the same keys, so they may share cached prefixes."""
+        edits = [e for e in self.edits if e.on_prompt]
+        features = [f for f in self.features if f.on_prompt]
+        if not edits and not features:
+            return None
+        digest = hashlib.blake2b(digest_size=16)
+        for e in edits:
+            digest.update(repr((e.layer, e.target, e.scale, e.mode, e.normalize)).encode())
+            digest.update(_tensor_bytes(e.vector))
+        for f in features:
+            digest.update(repr((f.layer, f.key, f.bias, f.threshold, f.clamp, f.value)).encode())
+            digest.update(_tensor_bytes(f.encoder) + _tensor_bytes(f.decoder))
+        return digest.digest()
+
+    @property
+    def edits_last_prompt_position(self) -> bool:
+        """Whether an edit acts at the prompt's last position only (one applied to generated
+        tokens: that position yields the first), so it differs from the other positions."""
+        return any(not e.on_prompt for e in (*self.edits, *self.features))
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import torch
 
 from steerserve.adapters.lora.slots import LoraSlots
 from steerserve.decoding.model.kv_cache import SlotKVCache
-from steerserve.decoding.model.prefix_cache import PrefixCache
+from steerserve.decoding.model.prefix_cache import PrefixCache, Scope
 from steerserve.decoding.request import LaneSpec
 
 
@@ -44,11 +44,22 @@ class Lane:
         return len(self.spec.prompt_ids) + self.fed
 
 
-def shares_prefixes(lane: Lane) -> bool:
-    """Keys that depend on the tokens alone (no adapter, no steering), and no need for every
-    prompt position's logits."""
-    spec = lane.spec
-    return spec.adapter is None and spec.steering is None and not lane.wants_prompt_logits
+def prefix_scope(lane: Lane) -> Scope | None:
+    """Whose cached prefixes the lane may use and add to; None: none (it needs every prompt
+    position's logits)."""
+    if lane.wants_prompt_logits:
+        return None
+    steering = lane.spec.steering
+    return Scope(lane.spec.adapter, steering.prompt_digest if steering else None)
+
+
+def cacheable_prompt(lane: Lane) -> tuple[int, ...]:
+    """The prompt positions whose keys another lane of its scope may use: all of them, but
+    the last where an edit of generated tokens acted on it."""
+    steering = lane.spec.steering
+    if steering and steering.edits_last_prompt_position:
+        return lane.prompt_ids[:-1]
+    return lane.prompt_ids
 
 
 class SlotTable:
@@ -78,13 +89,16 @@ class SlotTable:
         self.lanes.append(lane)
 
     def reuse_prefix(self, lane: Lane) -> None:
-        """A plain lane starts from the prefix cache's longest match (copied into its slot)."""
-        if self.prefix_cache is not None and shares_prefixes(lane):
-            lane.reused = lane.from_cache = self.prefix_cache.reuse(lane.prompt_ids, lane.slot)
+        """A lane starts from the longest match of its scope (copied into its slot)."""
+        scope = prefix_scope(lane)
+        if self.prefix_cache is not None and scope is not None:
+            lane.reused = lane.from_cache = self.prefix_cache.reuse(lane.prompt_ids, lane.slot,
+                                                                    scope)
 
     def remember_prefix(self, lane: Lane) -> None:
-        if self.prefix_cache is not None and shares_prefixes(lane):
-            self.prefix_cache.remember(lane.prompt_ids, lane.slot)
+        scope = prefix_scope(lane)
+        if self.prefix_cache is not None and scope is not None:
+            self.prefix_cache.remember(cacheable_prompt(lane), lane.slot, scope)
 
     def release(self, leaving: list[Lane]) -> None:
         """Drop lanes, refill their slots with the last lanes (fewest copies), free LoRA.
