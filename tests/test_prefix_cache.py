@@ -20,8 +20,9 @@ from steerserve.adapters.steering.spec import (
     SteerTarget,
 )
 from steerserve.decoding.engine.core import Engine
+from steerserve.decoding.model.kv_cache import CacheShape, SlotKVCache
 from steerserve.decoding.model.loader import from_pretrained_objects
-from steerserve.decoding.model.prefix_cache import MIN_REUSE, Scope, common_prefix
+from steerserve.decoding.model.prefix_cache import MIN_REUSE, PrefixCache, Scope, common_prefix
 from steerserve.decoding.sampling.params import SamplingParams
 from tests.engine_helpers import Collector, hf_greedy, run_to_completion
 from tests.support import make_engine
@@ -177,3 +178,76 @@ def test_scopes_compare_adapters_by_identity_and_hold_them_weakly():
     del again
     gc.collect()
     assert unloaded != Scope()  # a dead adapter's entries match nothing, plain lanes included
+
+
+def _filled_cache(max_len: int = 64) -> SlotKVCache:
+    """Slot 0 for a lane, 1 for the prefix cache; slot 0's keys and values at position p
+    hold p + 1 (+ 1000 for values), so a copied span shows where it came from."""
+    cache = SlotKVCache(CacheShape(2, 2, 1, 2, max_len), torch.float32, torch.device("cpu"))
+    positions = torch.arange(1, max_len + 1, dtype=torch.float32).view(1, -1, 1).expand(1, -1, 2)
+    for keys, values in zip(cache.keys, cache.values, strict=True):
+        keys[0] = positions
+        values[0] = positions + 1000
+    return cache
+
+
+def _prompt(first: int, length: int) -> tuple[int, ...]:
+    return tuple(range(first, first + length))
+
+
+def test_one_slot_keeps_as_many_prompts_as_fit_and_evicts_the_least_recent():
+    cache = _filled_cache(64)
+    prefixes = PrefixCache(cache, range(1, 2))
+    a, b, c = _prompt(100, 30), _prompt(200, 30), _prompt(300, 30)
+    prefixes.remember(a, 0, Scope())
+    prefixes.remember(b, 0, Scope())  # 60 of the slot's 64 positions in use
+    assert [(e.slot, e.start) for e in prefixes.entries] == [(1, 0), (1, 30)]
+    assert prefixes.reuse(a + (1,), 0, Scope()) == 30  # a is now the more recent
+    prefixes.remember(c, 0, Scope())  # no room: b, the least recently used, goes
+    assert [e.tokens for e in prefixes.entries] == [a, c]
+    assert prefixes.entries[1].start == 30
+    for keys, values in zip(cache.keys, cache.values, strict=True):  # c's span holds 1..30
+        assert torch.equal(keys[1, 0, 30:60, 0], torch.arange(1.0, 31.0))
+        assert torch.equal(values[1, 0, 30:60, 0], torch.arange(1001.0, 1031.0))
+
+
+def test_a_prompt_extending_an_entry_replaces_it_and_one_it_extends_is_covered():
+    prefixes = PrefixCache(_filled_cache(64), range(1, 2))
+    turn = _prompt(100, 20)
+    prefixes.remember(turn, 0, Scope())
+    prefixes.remember(turn + _prompt(500, 10), 0, Scope())  # the conversation's next turn
+    assert [e.tokens for e in prefixes.entries] == [turn + _prompt(500, 10)]
+    prefixes.remember(turn, 0, Scope())  # covered by the longer one
+    prefixes.remember(turn, 0, Scope(steering=b"steered"))  # another scope: its own entry
+    assert len(prefixes.entries) == 2
+
+
+def test_reuse_copies_the_entrys_own_span():
+    cache = _filled_cache(64)
+    prefixes = PrefixCache(cache, range(1, 2))
+    prefixes.remember(_prompt(100, 30), 0, Scope())
+    for keys in cache.keys:  # the lane's slot now holds another prompt's keys
+        keys[0].fill_(-1.0)
+    prefixes.remember(_prompt(200, 20), 0, Scope())  # at 30..49 of the prefix slot
+    for keys in cache.keys:
+        keys[0].fill_(5.0)
+    assert prefixes.reuse(_prompt(200, 25), 0, Scope()) == 20
+    assert torch.equal(cache.keys[0][0, 0, :21], torch.tensor([[-1.0] * 2] * 20 + [[5.0] * 2]))
+    assert prefixes.reuse(_prompt(100, 40), 0, Scope()) == 30
+    assert torch.equal(cache.keys[1][0, 0, :30, 0], torch.arange(1.0, 31.0))
+
+
+def test_many_prompts_in_one_prefix_slot_decode_as_without_it(llama, llama_reference):
+    engine = make_engine(llama, prefix_cache_slots=1)
+    systems = [[1] + list(range(40 + 30 * i, 60 + 30 * i)) for i in range(4)]  # 21 tokens
+    collector = Collector()
+    for i, system in enumerate(systems):
+        collector.submit(engine, f"first {i}", system + [7, 8], GREEDY)
+    run_to_completion(engine)
+    for i, system in enumerate(systems):
+        collector.submit(engine, f"second {i}", system + [9, 10, 11], GREEDY)
+    run_to_completion(engine)
+    assert engine.stats.cached_prompt_tokens == 4 * 21  # each found its own system prompt
+    for i, system in enumerate(systems):
+        assert collector.tokens(f"second {i}") == hf_greedy(llama_reference,
+                                                            system + [9, 10, 11], 8), i

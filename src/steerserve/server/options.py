@@ -110,9 +110,10 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                        "packed once for oneDNN (CPU, fp32/bf16): about 2x faster matmuls at "
                        "small batches, for a second copy of those weights in memory")
     group.add_argument("--prefix-cache-slots", type=int, default=DEFAULTS.prefix_cache_slots,
-                       help="KV-cache slots that keep recent prompts: a request whose prompt "
-                       "starts like one of them (a system prompt, few-shot examples, earlier "
-                       "turns) prefills only the rest; 0 turns the prefix cache off")
+                       help="KV-cache slots that keep recent prompts (each slot as many as "
+                       "fit, up to 16): a request whose prompt starts like one of them (a "
+                       "system prompt, few-shot examples, earlier turns) prefills only the "
+                       "rest; 0 turns the prefix cache off")
     group.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (default: torch's choice, one per core)")
 

@@ -89,10 +89,16 @@ class SlotKVCache:
             values[slot, :, :length].zero_()
 
     def move_slot(self, source: int, target: int, length: int) -> None:
-        """Copy a slot's first `length` positions to another (compaction on leave, prefixes)."""
-        for keys, values in zip(self.keys, self.values, strict=True):
-            keys[target, :, :length] = keys[source, :, :length]
-            values[target, :, :length] = values[source, :, :length]
+        """Copy a slot's first `length` positions to another (compaction on leave)."""
+        self.copy_span(source, 0, target, 0, length)
+
+    def copy_span(self, source: int, source_start: int, target: int, target_start: int,
+                  length: int) -> None:
+        """Copy `length` positions of one slot, from source_start, to another's from
+        target_start (prefixes in and out of the prefix cache's slots)."""
+        for cached in (*self.keys, *self.values):
+            cached[target, :, target_start:target_start + length] = \
+                cached[source, :, source_start:source_start + length]
 
 
 class CacheWindow:
