@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from steerserve.decoding.engine.core import Engine, EngineConfig
 from steerserve.decoding.methods.base import DecodingMethod
 from steerserve.decoding.methods.contrastive import Contrastive
-from steerserve.decoding.methods.dola import DoLa
+from steerserve.decoding.methods.dola import DoLa, jensen_shannon
 from steerserve.decoding.methods.logit_arithmetic import LogitArithmetic
 from steerserve.decoding.methods.plain import Plain
 from steerserve.decoding.methods.proxy_tuning import ProxyTuning
@@ -254,3 +254,25 @@ def test_proxy_with_base_as_anti_expert_shares_one_lane(engine, models):
     # alpha = 1 with the base as anti-expert: z_base + (z_expert - z_base) = the expert's
     assert collector.tokens("p") == reference_loop(
         prompt, lambda out: last_logits(ref["expert"], prompt + out))[0]
+
+
+def test_jensen_shannon_is_the_definitions_with_masked_tokens():
+    """Against the two KL divergences in float64; tokens masked to -inf (0 log 0 = 0) in the
+    mature row, in one candidate, and in both at once."""
+    generator = torch.Generator().manual_seed(0)
+    mature = torch.randn(3, 500, generator=generator) * 3
+    candidates = torch.randn(3, 4, 500, generator=generator) * 3
+    mature[0, :40] = float("-inf")
+    candidates[1, 2, :60] = float("-inf")
+    candidates[0, 1, :20] = float("-inf")  # masked in the mature row too
+    p = mature.double().softmax(-1).unsqueeze(1).expand_as(candidates)
+    q = candidates.double().softmax(-1)
+    m = (p + q) / 2
+
+    def kl(a, b):
+        return torch.where(a > 0, a * (a / b).log(), 0.0).sum(-1)
+
+    expected = 0.5 * (kl(p, m) + kl(q, m))
+    got = jensen_shannon(mature, candidates)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got.double(), expected, atol=1e-5)

@@ -159,13 +159,27 @@ def dola_bucket(bucket: str, num_layers: int) -> tuple[int, ...]:
 
 def jensen_shannon(mature: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """(N, V) and (N, K, V) logits -> (N, K) JS divergences between the softmaxes, as
-    (H(m) - (H(p) + H(q)) / 2) with m = (p + q) / 2: a third of the passes over (N, K, V) of
-    the two KL sums (xlogy: 0 log 0 = 0, for tokens masked to -inf)."""
-    p = mature.float().softmax(-1).unsqueeze(1)  # (N, 1, V)
-    q = candidates.float().softmax(-1)  # (N, K, V)
-    neg_entropies = torch.special.xlogy(p, p).sum(-1) + torch.special.xlogy(q, q).sum(-1)
-    m = (p + q).mul_(0.5)
-    return 0.5 * neg_entropies - torch.special.xlogy(m, m).sum(-1)
+    (H(m) - (H(p) + H(q)) / 2) with m = (p + q) / 2: one exponential and one logarithm per
+    (N, K, V) element (xlogy is a scalar loop on the CPU: the function was 1.9x slower)."""
+    p, p_log_p = _softmax_and_neg_entropy(mature)  # (N, V), (N,)
+    q, q_log_q = _softmax_and_neg_entropy(candidates)  # (N, K, V), (N, K)
+    m = q.add_(p.unsqueeze(1)).mul_(0.5)
+    # 0 log 0 = 0: a token no distribution gives any mass (e.g. masked to -inf)
+    m_log_m = torch.linalg.vecdot(m, m.clamp_min(torch.finfo(m.dtype).tiny).log())
+    return 0.5 * (p_log_p.unsqueeze(1) + q_log_q) - m_log_m
+
+
+def _softmax_and_neg_entropy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(z) over the last dim, and sum p log p = sum p z - max z - log sum exp(z - max)
+    (sum p = 1), with no logarithm per element. -inf logits are clamped to the lowest finite
+    float, whose p is 0: their p z is 0, not NaN."""
+    z = logits.float().clamp_min(torch.finfo(torch.float32).min)
+    top = z.amax(-1, keepdim=True)
+    p = (z - top).exp_()
+    total = p.sum(-1, keepdim=True)
+    p.div_(total)
+    p_log_p = torch.linalg.vecdot(p, z) - (top + total.log()).squeeze(-1)
+    return p, p_log_p
 
 
 def premature(mature: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
