@@ -112,12 +112,13 @@ class PrefixCache:
         """Keep a freshly prefilled prompt (its keys are in `slot`, positions 0..P-1)."""
         if len(prompt) <= MIN_REUSE:
             return
-        alike = [entry for entry in self.entries if entry.scope == scope]
-        for entry in alike:
-            if common_prefix(entry.tokens, prompt) == len(prompt):
+        alike = [(entry, common_prefix(entry.tokens, prompt)) for entry in self.entries
+                 if entry.scope == scope]
+        for entry, common in alike:
+            if common == len(prompt):
                 entry.used = self._tick()  # already covered
                 return
-        extended = {id(e) for e in alike if common_prefix(e.tokens, prompt) == len(e.tokens)}
+        extended = {id(entry) for entry, common in alike if common == len(entry.tokens)}
         self.entries = [entry for entry in self.entries if id(entry) not in extended]
         place = self._place(len(prompt))
         if place is not None:
