@@ -58,7 +58,8 @@ def build_context(settings: ServerSettings, model: LoadedModel,
         max_prefill_tokens=settings.max_prefill_tokens,
         max_loras=settings.max_loras if settings.lora_enabled else 0,
         max_lora_rank=settings.max_lora_rank, forward=settings.forward,
-        packed_weights=settings.packed_weights, threads=settings.threads,
+        packed_weights=settings.packed_weights, compile_decode=settings.compile_decode,
+        threads=settings.threads,
         prefix_cache_slots=settings.prefix_cache_slots), others)
     shared = SharedStore(Path(settings.shared_store)) if settings.shared_store else None
     ctx = ServingContext(settings, engine, Metrics(engine), int(time.time()),

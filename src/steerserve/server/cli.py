@@ -65,6 +65,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_num_seqs=args.max_num_seqs, max_queue=args.max_queue,
         max_prefill_tokens=args.max_prefill_tokens, max_n=args.max_n, max_stop=args.max_stop,
         forward=args.forward, packed_weights=args.packed_weights,
+        compile_decode=args.compile_decode,
         prefix_cache_slots=args.prefix_cache_slots,
         max_body_bytes=args.max_body_bytes,
         api_key=args.api_key or os.environ.get("STEERSERVE_API_KEY") or None,

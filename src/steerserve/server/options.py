@@ -109,6 +109,15 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                        help="run the projections and the LM head on copies of their weights "
                        "packed once for oneDNN (CPU, fp32/bf16): about 2x faster matmuls at "
                        "small batches, for a second copy of those weights in memory")
+    group.add_argument("--compile-decode", action=argparse.BooleanOptionalAction,
+                       default=DEFAULTS.compile_decode,
+                       help="compile the plain decode forward with torch.compile (inductor, "
+                       "weights frozen) at start: decode batches with no adapter, steering "
+                       "or capture rows run it (fewer per-op costs: faster steps at small "
+                       "and medium batches); the rest stay eager. The first start takes "
+                       "minutes on a small CPU, later ones reuse inductor's disk cache; "
+                       "Llama, Mistral and Qwen2 without sliding windows; another packed "
+                       "copy of the weights in memory")
     group.add_argument("--prefix-cache-slots", type=int, default=DEFAULTS.prefix_cache_slots,
                        help="KV-cache slots that keep recent prompts (each slot as many as "
                        "fit, up to 16): a request whose prompt starts like one of them (a "

@@ -115,7 +115,7 @@ class FusedDecoder:
                  capture: Capture | None = None) -> torch.Tensor:
         x = self.embed(input_ids)  # (B, T, C)
         hook_points.embeddings(capture, x)
-        rotations = {table: self._rotation(x, position_ids, table)
+        rotations = {table: self.rotation(x, position_ids, table)
                      for table in {layer.rotary for layer in self.layers}}
         masks = {size: self._masks(mask if size is None else
                                    sliding_mask(mask, position_ids, size), x.dtype)
@@ -141,7 +141,7 @@ class FusedDecoder:
         additive = additive.expand(batch, self.kv_heads, group, keys)
         return AttentionMasks(mask, additive.reshape(batch * self.kv_heads, group, keys))
 
-    def _rotation(self, x: torch.Tensor, position_ids: torch.Tensor,
+    def rotation(self, x: torch.Tensor, position_ids: torch.Tensor,
                   table: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin, (B, T, 1, D), from the model's rotary module."""
         extra = (table,) if self._rotary_takes_table else ()

@@ -14,6 +14,7 @@ import torch
 from steerserve.adapters.lora.bank import LoraBank
 from steerserve.adapters.steering.plan import SteeringPlan
 from steerserve.decoding.model.capture import Capture
+from steerserve.decoding.model.compiled import CompiledDecode, not_compilable
 from steerserve.decoding.model.families import unsupported
 from steerserve.decoding.model.fused import FusedDecoder
 from steerserve.decoding.model.hf_modules import ModuleDecoder
@@ -78,9 +79,11 @@ def choose_forward(model: torch.nn.Module, requested: str) -> str:
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, num_slots: int,
                  lora_bank: LoraBank | None = None, forward: str = "auto",
-                 extra_slots: int = 0, packed_weights: bool = True) -> None:
+                 extra_slots: int = 0, packed_weights: bool = True,
+                 compile_decode: bool = False) -> None:
         """`num_slots` for lanes, then `extra_slots` more for the prefix cache;
-        `packed_weights`: our own forward and the LM head run on oneDNN-packed copies."""
+        `packed_weights`: our own forward and the LM head run on oneDNN-packed copies;
+        `compile_decode`: plain decode batches run one compiled graph (model/compiled.py)."""
         self.loaded = loaded
         self.model = loaded.model
         self.decoder = getattr(self.model, self.model.base_model_prefix)
@@ -99,7 +102,18 @@ class ModelRunner:
             self.forward = ModuleDecoder(self.model, lora_bank)
         head = self.lm_head
         self.head = Projection(head.weight, head.bias, packed_weights)
+        self.compiled = self._compiled_decode() if compile_decode else None
         self.model._steerserve_taken = True  # tests refuse it as an untouched oracle
+
+    def _compiled_decode(self) -> CompiledDecode | None:
+        reason = ("the Hugging Face modules run" if self.forward_kind != "fused"
+                  else not_compilable(self.forward, self.model))
+        if reason is not None:
+            logger.warning("--compile-decode: decode stays eager (%s)", reason)
+            return None
+        compiled = CompiledDecode(self.forward, self.lm_head, self.cache)
+        compiled.warm_up()
+        return compiled
 
     @property
     def vocab_size(self) -> int:
@@ -132,6 +146,11 @@ class ModelRunner:
         """One new token per row at its own position; the index tensors are views of the
         runner's preallocated step inputs (decoding/model/step_inputs.py)."""
         rows = self.inputs.decode(first_slot, tokens, positions, lora_slots)
+        if (self.compiled is not None and steering is None and capture is None
+                and (lora_slots is None or all(slot < 0 for slot in lora_slots))):
+            compiled = self.compiled(rows.tokens, rows.positions, first_slot, rows.kv_len)
+            if compiled is not None:
+                return DecodeResult(*compiled)
         window = self.cache.for_decode(rows.slots, first_slot, rows.positions, rows.kv_len)
         hidden = self._run(rows.tokens.unsqueeze(1), rows.positions.unsqueeze(1),
                            decode_mask(rows.positions, rows.kv_len), window, lora_slots,

@@ -1,0 +1,192 @@
+"""The plain decode forward as one graph compiled by inductor (`--compile-decode`).
+
+A decode step of our own forward makes about 170 ATen calls a layer, most of them views and
+slices around some 25 arithmetic ops, each dispatched from Python: at SmolLM2's size that
+dispatch is a third of a step on two CPU cores (docs/benchmarks.md). Compiled once with the
+weights frozen (inductor packs them for oneDNN itself and fuses the elementwise ops between
+the products into C++ loops), the same step is one call.
+
+It serves decode batches whose rows carry no LoRA adapter, no steering and no capture: the
+arithmetic of FusedDecoder's plain path, restated as one traceable function over the slot
+cache. Every other batch runs eager. The graph is compiled at start, for any batch size of two
+or more and any key length, and once more for one row; after that the runner asks it never to
+recompile (`fail_on_recompile`): a call that would is run eager instead, and logged, rather
+than stalling the engine for a compile. Its logits match the eager forward's to float
+rounding, not bit for bit (tests/test_compiled_decode.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+from torch._inductor import config as inductor_config
+from torch.fx.experimental import _config as shape_config
+
+from steerserve.decoding.model.families import FAMILIES, rms_norm
+from steerserve.decoding.model.fused import FusedDecoder, FusedLayer
+from steerserve.decoding.model.kv_cache import SlotKVCache
+
+logger = logging.getLogger(__name__)
+
+
+def _frozen(tensor: torch.Tensor | None) -> torch.nn.Parameter | None:
+    """The same storage as a parameter, which inductor's freezing folds in as a constant."""
+    return None if tensor is None else torch.nn.Parameter(tensor.detach(), requires_grad=False)
+
+
+def not_compilable(decoder: FusedDecoder, model: torch.nn.Module) -> str | None:
+    """Why this model's decode has no compiled graph (None: it can have one)."""
+    config = model.config
+    if FAMILIES[config.model_type].offset_norms:
+        return f"{config.model_type}'s norms and embedding scale are not in the graph"
+    if getattr(config, "final_logit_softcapping", None):
+        return "final logit soft-capping is not in the graph"
+    if len({layer.rotary for layer in decoder.layers}) > 1 or any(
+            layer.softcap or layer.window or layer.q_norm is not None
+            for layer in decoder.layers):
+        return ("soft-capped, sliding-window or per-layer rotary attention and per-head "
+                "query/key norms are not in the graph")
+    return None
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, layer: FusedLayer) -> None:
+        super().__init__()
+        self.attention_norm, self.mlp_norm = _frozen(layer.attention_norm), _frozen(layer.mlp_norm)
+        self.qkv, self.qkv_bias = _frozen(layer.qkv.weight), _frozen(layer.qkv.bias)
+        self.o, self.o_bias = _frozen(layer.o.weight), _frozen(layer.o.bias)
+        self.gate_up, self.gate_up_bias = _frozen(layer.gate_up.weight), _frozen(layer.gate_up.bias)
+        self.down, self.down_bias = _frozen(layer.down.weight), _frozen(layer.down.bias)
+        self.act, self.scale = layer.act, layer.scale
+
+
+class DecodeGraph(torch.nn.Module):
+    """(B,) tokens at (B,) positions in slots first_slot.. -> (B, V) fp32 logits and the
+    (B, C) normed hidden states; writes each row's keys and values into the cache."""
+
+    def __init__(self, decoder: FusedDecoder, head: torch.nn.Module, max_len: int) -> None:
+        super().__init__()
+        self.embed = _frozen(decoder.embed.weight)
+        self.norm = _frozen(decoder.norm.weight)
+        self.head, self.head_bias = _frozen(head.weight), _frozen(head.bias)
+        self.layers = torch.nn.ModuleList(_Layer(layer) for layer in decoder.layers)
+        self.heads, self.kv_heads, self.head_dim = decoder.heads, decoder.kv_heads, decoder.head_dim
+        self.eps = decoder.eps
+        # The rotary module's tables for every position: it computes each position alone
+        # (an outer product), so a row of the table is what it returns for that position
+        positions = torch.arange(max_len, device=self.embed.device).unsqueeze(0)
+        cos, sin = decoder.rotation(self.embed[:1].unsqueeze(0), positions,
+                                    decoder.layers[0].rotary)  # (1, L, 1, D)
+        self.register_buffer("cos", cos[0], persistent=False)  # (L, 1, D)
+        self.register_buffer("sin", sin[0], persistent=False)
+        self.register_buffer("key_positions", torch.arange(max_len, device=self.embed.device),
+                             persistent=False)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, first_slot: int,
+                kv_len: int, keys: list[torch.Tensor],
+                values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = tokens.shape[0]
+        x = F.embedding(tokens, self.embed)  # (B, C)
+        cos, sin = self.cos[positions], self.sin[positions]  # (B, 1, D)
+        seen = self.key_positions[:kv_len].unsqueeze(0) <= positions.unsqueeze(1)  # (B, K)
+        additive = torch.zeros(seen.shape, dtype=x.dtype, device=x.device)
+        additive = additive.masked_fill(~seen, float("-inf"))
+        group = self.heads // self.kv_heads
+        additive = additive.view(batch, 1, 1, kv_len).expand(batch, self.kv_heads, group, kv_len)
+        additive = additive.reshape(batch * self.kv_heads, group, kv_len)
+        slots = self.key_positions[first_slot:first_slot + batch]
+        for layer, cached_keys, cached_values in zip(self.layers, keys, values, strict=True):
+            x = x + self._attention(layer, x, cos, sin, additive, slots, positions,
+                                    cached_keys, cached_values, first_slot, kv_len)
+            x = x + self._mlp(layer, x)
+        hidden = rms_norm(x, self.norm, self.eps)
+        return F.linear(hidden, self.head, self.head_bias).float(), hidden
+
+    def _attention(self, layer: _Layer, x, cos, sin, additive, slots, positions,
+                   cached_keys, cached_values, first_slot: int, kv_len: int) -> torch.Tensor:
+        batch = x.shape[0]
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        qkv = F.linear(rms_norm(x, layer.attention_norm, self.eps), layer.qkv, layer.qkv_bias)
+        qk = qkv[:, :(heads + kv_heads) * dim].view(batch, heads + kv_heads, dim)
+        v = qkv[:, (heads + kv_heads) * dim:].view(batch, kv_heads, dim)
+        half = dim // 2
+        qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+        q, k = qk[:, :heads], qk[:, heads:]
+        cached_keys[slots, :, positions] = k
+        cached_values[slots, :, positions] = v
+        rows = batch * kv_heads  # slots and heads fold into one dimension, as in fused.py
+        window_keys = cached_keys.narrow(0, first_slot, batch)[:, :, :kv_len]
+        window_values = cached_values.narrow(0, first_slot, batch)[:, :, :kv_len]
+        scores = torch.baddbmm(additive, q.reshape(rows, heads // kv_heads, dim),
+                               window_keys.reshape(rows, kv_len, dim).transpose(1, 2),
+                               alpha=layer.scale)
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+        out = torch.bmm(weights, window_values.reshape(rows, kv_len, dim))
+        return F.linear(out.reshape(batch, heads * dim), layer.o, layer.o_bias)
+
+    def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+        gate_up = F.linear(rms_norm(x, layer.mlp_norm, self.eps), layer.gate_up,
+                           layer.gate_up_bias)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.linear(layer.act(gate) * up, layer.down, layer.down_bias)
+
+
+class CompiledDecode:
+    """The compiled graph and when to use it; built by the runner with `--compile-decode`."""
+
+    def __init__(self, decoder: FusedDecoder, head: torch.nn.Module, cache: SlotKVCache) -> None:
+        self.cache = cache
+        self.graph = DecodeGraph(decoder, head, cache.shape.max_len).eval()
+        for cached in (*cache.keys, *cache.values):  # fixed buffers: no symbolic sizes
+            torch._dynamo.mark_static(cached)
+        self.compiled = torch.compile(self.graph, dynamic=True, fullgraph=True)
+        self.fell_back = False
+        self.steps = 0  # decode forwards it ran
+
+    def warm_up(self) -> None:
+        """Compile for batches of two or more rows, then for one (minutes on two cores the
+        first time; inductor keeps the result on disk, so a later start with the same model
+        and torch takes seconds). The batches start at slot 0, as decode runs do but for a
+        lane still prefilling there (then eager); sizes of 0 and 1 would be compiled as
+        constants, so the key length is 3, and the positions written are zeroed again. The
+        inputs are made outside inference mode, as the runner's are (the graph is specialised
+        to that), and the graph runs in it, as the runner's decode does."""
+        device = self.graph.embed.device
+        for rows in (2, 1):
+            if rows > self.cache.shape.num_slots:
+                continue
+            started = time.perf_counter()
+            logger.info("compiling the decode forward for %s (--compile-decode)...",
+                        "one row" if rows == 1 else "two or more rows")
+            tokens = torch.zeros(rows, dtype=torch.long, device=device)
+            positions = torch.full_like(tokens, 2)
+            # freezing set for the whole compile (as an option of torch.compile it is not
+            # seen where the weights are lifted, and they stay unpacked inputs); no duck
+            # sizing, which would tie the batch to any cache dimension of the same size
+            with (torch.inference_mode(), inductor_config.patch(freezing=True),
+                  shape_config.patch(use_duck_shape=False)):
+                self.compiled(tokens, positions, 0, 3, self.cache.keys, self.cache.values)
+            logger.info("compiled in %.0f s", time.perf_counter() - started)
+        for slot in range(min(2, self.cache.shape.num_slots)):
+            self.cache.clear(slot, 3)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, first_slot: int,
+                 kv_len: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(logits, hidden), or None where the graph would need compiling again."""
+        try:
+            with torch.compiler.set_stance("fail_on_recompile"):
+                out = self.compiled(tokens, positions, first_slot, kv_len, self.cache.keys,
+                                    self.cache.values)
+            self.steps += 1
+            return out
+        except RuntimeError as exc:
+            if "recompil" not in str(exc).lower():
+                raise
+            if not self.fell_back:
+                logger.warning("compiled decode: a batch it was not compiled for ran eager "
+                               "(%s)", str(exc).splitlines()[0])
+                self.fell_back = True
+            return None

@@ -1,0 +1,101 @@
+"""The compiled decode graph (`--compile-decode`, decoding/model/compiled.py): the same tokens
+as HF `generate` on an untouched copy, logits equal to the eager forward's to float rounding at
+every batch size and key length without compiling again, batches it does not cover left to the
+eager forward, and families it does not cover refused with the reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from steerserve.adapters.steering.spec import (
+    ApplyTo,
+    SteerEdit,
+    SteeringSpec,
+    SteerMode,
+    SteerTarget,
+)
+from steerserve.decoding.engine.core import Engine, EngineConfig
+from steerserve.decoding.model.loader import from_pretrained_objects
+from steerserve.decoding.model.runner import ModelRunner
+from steerserve.decoding.sampling.params import SamplingParams
+from tests.engine_helpers import Collector, hf_greedy, run_to_completion
+from tests.tiny_models import tiny_gemma
+
+PROMPTS = [[1, 5, 9, 13, 4, 22, 40], [1, 7, 3], [1, 30, 31, 32, 33], [1, 8, 8, 2, 19]]
+
+
+@pytest.fixture(scope="module")
+def engine(qwen2) -> Engine:
+    """Qwen2: projections with biases. Compiles twice (about a minute on two cores)."""
+    return Engine(qwen2, EngineConfig(max_num_seqs=4, compile_decode=True))
+
+
+def test_greedy_tokens_equal_hf_generate(engine, qwen2_reference):
+    compiled = engine.primary.runner.compiled
+    assert compiled is not None
+    collector = Collector()
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    for index, prompt in enumerate(PROMPTS):
+        collector.submit(engine, str(index), prompt, params)
+    run_to_completion(engine)
+    for index, prompt in enumerate(PROMPTS):
+        assert collector.tokens(str(index)) == hf_greedy(qwen2_reference, prompt, 12)
+    assert compiled.steps >= 11 and not compiled.fell_back
+
+
+def test_logits_equal_the_eager_forward_at_every_batch_size(engine):
+    runner = engine.primary.runner
+    compiled = runner.compiled
+    with torch.inference_mode():
+        first = runner.prefill(0, PROMPTS, [False] * len(PROMPTS))
+    tokens = [int(t) for t in first.last_logits.argmax(-1)]
+    positions = [len(p) for p in PROMPTS]
+    try:
+        for rows in (4, 1, 3, 2, 4, 1):
+            ours = runner.decode(0, tokens[:rows], positions[:rows])
+            runner.compiled = None
+            eager = runner.decode(0, tokens[:rows], positions[:rows])  # the same cache entries
+            runner.compiled = compiled
+            torch.testing.assert_close(ours.logits, eager.logits, atol=1e-4, rtol=0)
+            torch.testing.assert_close(ours.hidden, eager.hidden, atol=1e-4, rtol=0)
+            tokens[:rows] = [int(t) for t in eager.logits.argmax(-1)]
+            positions[:rows] = [p + 1 for p in positions[:rows]]
+    finally:
+        runner.compiled = compiled
+        for slot in range(len(PROMPTS)):
+            runner.cache.clear(slot, max(positions) + 1)
+    assert not compiled.fell_back
+
+
+def test_a_batch_with_a_steered_row_runs_eager_and_matches_each_alone(engine, qwen2):
+    """A steered row leaves the graph to the eager forward for its whole batch; the plain
+    row's tokens stay what they are alone (compiled), the steered row's what it is alone."""
+    vector = torch.randn(qwen2.model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    steering = SteeringSpec(tuple(SteerEdit(layer, SteerTarget.RESIDUAL, vector, 4.0,
+                                            SteerMode.ADD, False, ApplyTo.BOTH)
+                                  for layer in (0, 1)))
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    alone = {}
+    for name, spec in (("plain", None), ("steered", steering)):
+        collector = Collector()
+        collector.submit(engine, name, PROMPTS[0], params, steering=spec)
+        run_to_completion(engine)
+        alone[name] = collector.tokens(name)
+    assert alone["plain"] != alone["steered"]
+    compiled = engine.primary.runner.compiled
+    steps = compiled.steps
+    together = Collector()
+    together.submit(engine, "plain", PROMPTS[0], params)
+    together.submit(engine, "steered", PROMPTS[0], params, steering=steering)
+    run_to_completion(engine)
+    assert {name: together.tokens(name) for name in alone} == alone
+    assert compiled.steps == steps  # every decode of the pair had the steered row
+
+
+def test_families_outside_the_graph_stay_eager_and_say_why(tokenizer, caplog):
+    loaded = from_pretrained_objects(tiny_gemma(len(tokenizer)), tokenizer, "g")
+    with caplog.at_level("WARNING"):
+        runner = ModelRunner(loaded, 2, None, "fused", compile_decode=True)
+    assert runner.compiled is None
+    assert "decode stays eager (gemma's norms" in caplog.text
