@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -55,6 +56,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (best kept)")
     parser.add_argument("--out", type=Path, default=REPO / ".bench" / "mixed.json")
+    parser.add_argument("--steerserve-args", default="",
+                        help="extra server flags, e.g. --steerserve-args=--compile-decode")
     args = parser.parse_args()
     vectors = max(1, args.concurrency // 3)
     flags = write_vectors(REPO / ".bench" / "steering-vectors", vectors, range(8, 16))
@@ -65,7 +68,7 @@ def main() -> None:
     port = free_port()
     command = [str(REPO / ".venv/bin/steerserve"), "serve", "--port", str(port),
                "--log-level", "warning", "--vectors-dir", "none", "--max-loras",
-               str(ADAPTERS), *flags]
+               str(ADAPTERS), *flags, *shlex.split(args.steerserve_args)]
     mixes = {"plain": (), "mixed": KINDS, "only the steered third": ("steered",),
              "only the adapter sixth": ("adapter",), "only the DoLa sixth": ("dola",)}
     cases = {name: (lambda kinds=kinds: bodies(kinds, args.max_tokens, vectors))

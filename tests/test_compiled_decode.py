@@ -1,13 +1,15 @@
 """The compiled decode graph (`--compile-decode`, decoding/model/compiled.py): the same tokens
 as HF `generate` on an untouched copy, logits equal to the eager forward's to float rounding at
-every batch size and key length without compiling again, batches it does not cover left to the
-eager forward, and families it does not cover refused with the reason."""
+every batch size and key length without compiling again, added steering vectors inside the
+graph, batches it does not cover left to the eager forward, and families it does not cover
+refused with the reason."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from steerserve.adapters.steering.plan import decode_plan
 from steerserve.adapters.steering.spec import (
     ApplyTo,
     SteerEdit,
@@ -68,13 +70,19 @@ def test_logits_equal_the_eager_forward_at_every_batch_size(engine):
     assert not compiled.fell_back
 
 
-def test_a_batch_with_a_steered_row_runs_eager_and_matches_each_alone(engine, qwen2):
-    """A steered row leaves the graph to the eager forward for its whole batch; the plain
-    row's tokens stay what they are alone (compiled), the steered row's what it is alone."""
-    vector = torch.randn(qwen2.model.config.hidden_size, generator=torch.Generator().manual_seed(3))
-    steering = SteeringSpec(tuple(SteerEdit(layer, SteerTarget.RESIDUAL, vector, 4.0,
-                                            SteerMode.ADD, False, ApplyTo.BOTH)
-                                  for layer in (0, 1)))
+def _steering(qwen2, mode: SteerMode, scale: float) -> SteeringSpec:
+    vector = torch.randn(qwen2.model.config.hidden_size,
+                         generator=torch.Generator().manual_seed(3))
+    return SteeringSpec(tuple(SteerEdit(layer, SteerTarget.RESIDUAL, vector, scale, mode, False,
+                                        ApplyTo.BOTH) for layer in (0, 1)))
+
+
+@pytest.mark.parametrize("mode, in_graph", [(SteerMode.ADD, True), (SteerMode.ABLATE, False)],
+                         ids=["added-in-the-graph", "ablated-eager"])
+def test_a_steered_row_beside_a_plain_one_gets_its_tokens_alone(engine, qwen2, mode, in_graph):
+    """Added vectors ride the graph; any other edit sends its whole batch to the eager
+    forward. Either way each request's tokens are what they are alone."""
+    steering = _steering(qwen2, mode, 4.0)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     alone = {}
     for name, spec in (("plain", None), ("steered", steering)):
@@ -90,7 +98,34 @@ def test_a_batch_with_a_steered_row_runs_eager_and_matches_each_alone(engine, qw
     together.submit(engine, "steered", PROMPTS[0], params, steering=steering)
     run_to_completion(engine)
     assert {name: together.tokens(name) for name in alone} == alone
-    assert compiled.steps == steps  # every decode of the pair had the steered row
+    assert (compiled.steps > steps) == in_graph
+
+
+def test_added_steering_in_the_graph_equals_the_eager_kernels(engine, qwen2):
+    """Logits of an added-vector row against the eager forward's steering kernels; the plain
+    row beside it exactly what it is in an unsteered batch."""
+    runner = engine.primary.runner
+    compiled = runner.compiled
+    prompts = PROMPTS[:2]
+    plan = decode_plan([_steering(qwen2, SteerMode.ADD, 2.0), None], runner.device)
+    with torch.inference_mode():
+        first = runner.prefill(0, prompts, [False, False])
+    tokens = [int(t) for t in first.last_logits.argmax(-1)]
+    positions = [len(p) for p in prompts]
+    try:
+        steps = compiled.steps
+        steered = runner.decode(0, tokens, positions, steering=plan)
+        unsteered = runner.decode(0, tokens, positions)
+        assert compiled.steps == steps + 2
+        runner.compiled = None
+        eager = runner.decode(0, tokens, positions, steering=plan)
+        torch.testing.assert_close(steered.logits, eager.logits, atol=1e-4, rtol=0)
+        assert not torch.allclose(steered.logits[0], unsteered.logits[0], atol=1e-2)
+        assert torch.equal(steered.logits[1], unsteered.logits[1])
+    finally:
+        runner.compiled = compiled
+        for slot in range(len(prompts)):
+            runner.cache.clear(slot, max(positions) + 1)
 
 
 def test_families_outside_the_graph_stay_eager_and_say_why(tokenizer, caplog):

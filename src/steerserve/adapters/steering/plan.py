@@ -12,7 +12,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from steerserve.adapters.steering.spec import FeatureEdit, SteerEdit, SteeringSpec, SteerTarget
+from steerserve.adapters.steering.spec import (
+    FeatureEdit,
+    SteerEdit,
+    SteeringSpec,
+    SteerMode,
+    SteerTarget,
+)
 from steerserve.kernels.sae.checks import MODE_ADD, MODE_CLAMP
 
 
@@ -183,3 +189,24 @@ def prefill_plan(specs: list[SteeringSpec | None], lengths: list[int], width: in
     if any(last_rows) or any(last_features):
         _add_group(plan, last_rows, positions == length - 1, device, last_features)
     return plan
+
+
+def additive_residual(plan: SteeringPlan, layers: int, rows: int, width: int,
+                      device: torch.device) -> torch.Tensor | None:
+    """A decode plan as one (layers, rows, width) fp32 tensor to add to each block's output,
+    when every edit in it adds a vector to the residual stream (no ablation, clamping,
+    renormalising, head offsets or SAE features); else None. Several vectors on one row and
+    layer are summed first, so their sum rounds once where the kernel rounds per item."""
+    if plan.heads or plan.features:
+        return None
+    offsets = torch.zeros(layers, rows, width, device=device)
+    for layer, calls in plan.residual.items():
+        for call in calls:
+            present = call.vector_index >= 0  # (R, K)
+            if (call.position_mask is not None or bool(call.normalize.any())
+                    or bool((present & (call.mode != SteerMode.ADD)).any())):
+                return None
+            picked = call.vectors.float()[call.vector_index.clamp(min=0).long()]  # (R, K, H)
+            weights = torch.where(present, call.scale, 0.0).unsqueeze(-1)
+            offsets[layer] += (weights * picked).sum(1)
+    return offsets

@@ -1,4 +1,4 @@
-"""The plain decode forward as one graph compiled by inductor (`--compile-decode`).
+"""The decode forward as one graph compiled by inductor (`--compile-decode`).
 
 A decode step of our own forward makes about 170 ATen calls a layer, most of them views and
 slices around some 25 arithmetic ops, each dispatched from Python: at SmolLM2's size that
@@ -6,13 +6,16 @@ dispatch is a third of a step on two CPU cores (docs/benchmarks.md). Compiled on
 weights frozen (inductor packs them for oneDNN itself and fuses the elementwise ops between
 the products into C++ loops), the same step is one call.
 
-It serves decode batches whose rows carry no LoRA adapter, no steering and no capture: the
-arithmetic of FusedDecoder's plain path, restated as one traceable function over the slot
-cache. Every other batch runs eager. The graph is compiled at start, for any batch size of two
-or more and any key length, and once more for one row; after that the runner asks it never to
-recompile (`fail_on_recompile`): a call that would is run eager instead, and logged, rather
-than stalling the engine for a compile. Its logits match the eager forward's to float
-rounding, not bit for bit (tests/test_compiled_decode.py).
+It serves decode batches whose rows carry no LoRA adapter and no capture, and whose steering
+only adds vectors to the residual stream (control vectors, the common case): the arithmetic
+of FusedDecoder's path, restated as one traceable function over the slot cache, with that
+steering as one (layers, rows, width) tensor added to each block's output (zeros for
+unsteered rows, whose outputs are then exactly the unsteered ones). Every other batch runs
+eager. The graph is compiled at start, for any batch size of two or more and any key length,
+and once more for one row; after that it may never recompile (`fail_on_recompile`): a call
+that would runs eager instead, logged, rather than stalling the engine for a compile. Its
+logits match the eager forward's to float rounding, not bit for bit
+(tests/test_compiled_decode.py).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 from torch._inductor import config as inductor_config
 from torch.fx.experimental import _config as shape_config
 
+from steerserve.adapters.steering.plan import SteeringPlan, additive_residual
 from steerserve.decoding.model.families import FAMILIES, rms_norm
 from steerserve.decoding.model.fused import FusedDecoder, FusedLayer
 from steerserve.decoding.model.kv_cache import SlotKVCache
@@ -64,8 +68,9 @@ class _Layer(torch.nn.Module):
 
 
 class DecodeGraph(torch.nn.Module):
-    """(B,) tokens at (B,) positions in slots first_slot.. -> (B, V) fp32 logits and the
-    (B, C) normed hidden states; writes each row's keys and values into the cache."""
+    """(B,) tokens at (B,) positions in slots first_slot.., (layers, B, C) fp32 added to the
+    block outputs -> (B, V) fp32 logits and the (B, C) normed hidden states; writes each
+    row's keys and values into the cache."""
 
     def __init__(self, decoder: FusedDecoder, head: torch.nn.Module, max_len: int) -> None:
         super().__init__()
@@ -86,7 +91,7 @@ class DecodeGraph(torch.nn.Module):
                              persistent=False)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, first_slot: int,
-                kv_len: int, keys: list[torch.Tensor],
+                kv_len: int, steering: torch.Tensor, keys: list[torch.Tensor],
                 values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         batch = tokens.shape[0]
         x = F.embedding(tokens, self.embed)  # (B, C)
@@ -98,10 +103,13 @@ class DecodeGraph(torch.nn.Module):
         additive = additive.view(batch, 1, 1, kv_len).expand(batch, self.kv_heads, group, kv_len)
         additive = additive.reshape(batch * self.kv_heads, group, kv_len)
         slots = self.key_positions[first_slot:first_slot + batch]
-        for layer, cached_keys, cached_values in zip(self.layers, keys, values, strict=True):
+        for index, (layer, cached_keys, cached_values) in enumerate(
+                zip(self.layers, keys, values, strict=True)):
             x = x + self._attention(layer, x, cos, sin, additive, slots, positions,
                                     cached_keys, cached_values, first_slot, kv_len)
             x = x + self._mlp(layer, x)
+            # the steering kernels' ADD: in fp32, and never inf or NaN (edits.keep_finite)
+            x = torch.nan_to_num(x.float() + steering[index], nan=0.0).to(x.dtype)
         hidden = rms_norm(x, self.norm, self.eps)
         return F.linear(hidden, self.head, self.head_bias).float(), hidden
 
@@ -145,6 +153,13 @@ class CompiledDecode:
         self.compiled = torch.compile(self.graph, dynamic=True, fullgraph=True)
         self.fell_back = False
         self.steps = 0  # decode forwards it ran
+        self._width = decoder.embed.weight.shape[1]
+        # The graph's steering input: zeros, or a batch's additive steering copied into the
+        # second buffer. Both made here, outside inference mode, as the graph was traced.
+        size = cache.shape.num_layers * cache.shape.num_slots * self._width
+        self._zeros = torch.zeros(size, device=self.graph.embed.device)
+        self._steered = torch.zeros(size, device=self.graph.embed.device)
+        self._steering: tuple[SteeringPlan | None, torch.Tensor | None] = (None, None)
 
     def warm_up(self) -> None:
         """Compile for batches of two or more rows, then for one (minutes on two cores the
@@ -163,23 +178,50 @@ class CompiledDecode:
                         "one row" if rows == 1 else "two or more rows")
             tokens = torch.zeros(rows, dtype=torch.long, device=device)
             positions = torch.full_like(tokens, 2)
+            steering = self._unsteered(rows)
             # freezing set for the whole compile (as an option of torch.compile it is not
             # seen where the weights are lifted, and they stay unpacked inputs); no duck
             # sizing, which would tie the batch to any cache dimension of the same size
             with (torch.inference_mode(), inductor_config.patch(freezing=True),
                   shape_config.patch(use_duck_shape=False)):
-                self.compiled(tokens, positions, 0, 3, self.cache.keys, self.cache.values)
+                self.compiled(tokens, positions, 0, 3, steering, self.cache.keys,
+                              self.cache.values)
             logger.info("compiled in %.0f s", time.perf_counter() - started)
         for slot in range(min(2, self.cache.shape.num_slots)):
             self.cache.clear(slot, 3)
 
+    def _view(self, buffer: torch.Tensor, rows: int) -> torch.Tensor:
+        layers = self.cache.shape.num_layers
+        return buffer[:layers * rows * self._width].view(layers, rows, self._width)
+
+    def _unsteered(self, rows: int) -> torch.Tensor:
+        return self._view(self._zeros, rows)
+
+    def _additive(self, plan: SteeringPlan | None, rows: int) -> torch.Tensor | None:
+        """The batch's steering as the graph takes it (None: it cannot), made once per plan
+        (the hosted model keeps a decode plan until its lanes change)."""
+        if plan is None:
+            return self._unsteered(rows)
+        if plan is not self._steering[0]:
+            offsets = additive_residual(plan, self.cache.shape.num_layers, rows, self._width,
+                                        self.graph.embed.device)
+            if offsets is not None:
+                offsets = self._view(self._steered, rows).copy_(offsets)
+            self._steering = (plan, offsets)
+        return self._steering[1]
+
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, first_slot: int,
-                 kv_len: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(logits, hidden), or None where the graph would need compiling again."""
+                 kv_len: int, plan: SteeringPlan | None
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(logits, hidden), or None where the steering is not additive or the graph would
+        need compiling again."""
+        steering = self._additive(plan, tokens.shape[0])
+        if steering is None:
+            return None
         try:
             with torch.compiler.set_stance("fail_on_recompile"):
-                out = self.compiled(tokens, positions, first_slot, kv_len, self.cache.keys,
-                                    self.cache.values)
+                out = self.compiled(tokens, positions, first_slot, kv_len, steering,
+                                    self.cache.keys, self.cache.values)
             self.steps += 1
             return out
         except RuntimeError as exc:

@@ -146,9 +146,10 @@ class ModelRunner:
         """One new token per row at its own position; the index tensors are views of the
         runner's preallocated step inputs (decoding/model/step_inputs.py)."""
         rows = self.inputs.decode(first_slot, tokens, positions, lora_slots)
-        if (self.compiled is not None and steering is None and capture is None
+        if (self.compiled is not None and capture is None
                 and (lora_slots is None or all(slot < 0 for slot in lora_slots))):
-            compiled = self.compiled(rows.tokens, rows.positions, first_slot, rows.kv_len)
+            compiled = self.compiled(rows.tokens, rows.positions, first_slot, rows.kv_len,
+                                     steering)
             if compiled is not None:
                 return DecodeResult(*compiled)
         window = self.cache.for_decode(rows.slots, first_slot, rows.positions, rows.kv_len)
