@@ -70,6 +70,23 @@ def test_logits_equal_the_eager_forward_at_every_batch_size(engine):
     assert not compiled.fell_back
 
 
+def test_a_row_gets_the_same_bits_alone_and_in_a_batch(engine):
+    """One row runs the same graph beside a dummy row, so batch size changes no bit."""
+    runner = engine.primary.runner
+    with torch.inference_mode():
+        first = runner.prefill(0, PROMPTS, [False] * len(PROMPTS))
+    tokens = [int(t) for t in first.last_logits.argmax(-1)]
+    positions = [len(p) for p in PROMPTS]
+    try:
+        alone = runner.decode(0, tokens[:1], positions[:1]).logits
+        for rows in (2, 4):
+            batched = runner.decode(0, tokens[:rows], positions[:rows]).logits
+            assert torch.equal(batched[0], alone[0])
+    finally:
+        for slot in range(len(PROMPTS)):
+            runner.cache.clear(slot, max(positions) + 1)
+
+
 def _steering(qwen2, mode: SteerMode, scale: float) -> SteeringSpec:
     vector = torch.randn(qwen2.model.config.hidden_size,
                          generator=torch.Generator().manual_seed(3))

@@ -11,11 +11,11 @@ only adds vectors to the residual stream (control vectors, the common case): the
 of FusedDecoder's path, restated as one traceable function over the slot cache, with that
 steering as one (layers, rows, width) tensor added to each block's output (zeros for
 unsteered rows, whose outputs are then exactly the unsteered ones). Every other batch runs
-eager. The graph is compiled at start, for any batch size of two or more and any key length,
-and once more for one row; after that it may never recompile (`fail_on_recompile`): a call
-that would runs eager instead, logged, rather than stalling the engine for a compile. Its
-logits match the eager forward's to float rounding, not bit for bit
-(tests/test_compiled_decode.py).
+eager. The graph is compiled once, at start, for any batch of two or more rows and any key
+length; one row runs it beside a dummy row (see `_padded`), so a row's arithmetic is the same
+at every batch size. After start it may never recompile (`fail_on_recompile`): a call that
+would runs eager instead, logged, rather than stalling the engine for a compile. Its logits
+match the eager forward's to float rounding, not bit for bit (tests/test_compiled_decode.py).
 """
 
 from __future__ import annotations
@@ -145,8 +145,10 @@ class DecodeGraph(torch.nn.Module):
 class CompiledDecode:
     """The compiled graph and when to use it; built by the runner with `--compile-decode`."""
 
-    def __init__(self, decoder: FusedDecoder, head: torch.nn.Module, cache: SlotKVCache) -> None:
-        self.cache = cache
+    def __init__(self, decoder: FusedDecoder, head: torch.nn.Module, cache: SlotKVCache,
+                 lane_slots: int) -> None:
+        """`lane_slots`: the cache's first slots, the lanes' (the prefix cache's follow)."""
+        self.cache, self.lane_slots = cache, lane_slots
         self.graph = DecodeGraph(decoder, head, cache.shape.max_len).eval()
         for cached in (*cache.keys, *cache.values):  # fixed buffers: no symbolic sizes
             torch._dynamo.mark_static(cached)
@@ -160,34 +162,28 @@ class CompiledDecode:
         self._zeros = torch.zeros(size, device=self.graph.embed.device)
         self._steered = torch.zeros(size, device=self.graph.embed.device)
         self._steering: tuple[SteeringPlan | None, torch.Tensor | None] = (None, None)
+        self._pair = torch.zeros(2, 2, dtype=torch.long, device=self.graph.embed.device)
 
     def warm_up(self) -> None:
-        """Compile for batches of two or more rows, then for one (minutes on two cores the
-        first time; inductor keeps the result on disk, so a later start with the same model
-        and torch takes seconds). The batches start at slot 0, as decode runs do but for a
-        lane still prefilling there (then eager); sizes of 0 and 1 would be compiled as
+        """Compile (minutes on two cores, at every start: inductor does not cache graphs
+        with frozen weights). Two rows from slot 0, as decode runs start but for a lane
+        still prefilling there (then eager); sizes of 0 and 1 would be compiled as
         constants, so the key length is 3, and the positions written are zeroed again. The
         inputs are made outside inference mode, as the runner's are (the graph is specialised
         to that), and the graph runs in it, as the runner's decode does."""
-        device = self.graph.embed.device
-        for rows in (2, 1):
-            if rows > self.cache.shape.num_slots:
-                continue
-            started = time.perf_counter()
-            logger.info("compiling the decode forward for %s (--compile-decode)...",
-                        "one row" if rows == 1 else "two or more rows")
-            tokens = torch.zeros(rows, dtype=torch.long, device=device)
-            positions = torch.full_like(tokens, 2)
-            steering = self._unsteered(rows)
-            # freezing set for the whole compile (as an option of torch.compile it is not
-            # seen where the weights are lifted, and they stay unpacked inputs); no duck
-            # sizing, which would tie the batch to any cache dimension of the same size
-            with (torch.inference_mode(), inductor_config.patch(freezing=True),
-                  shape_config.patch(use_duck_shape=False)):
-                self.compiled(tokens, positions, 0, 3, steering, self.cache.keys,
-                              self.cache.values)
-            logger.info("compiled in %.0f s", time.perf_counter() - started)
-        for slot in range(min(2, self.cache.shape.num_slots)):
+        started = time.perf_counter()
+        logger.info("compiling the decode forward (--compile-decode; minutes on a small CPU)")
+        tokens = torch.zeros(2, dtype=torch.long, device=self.graph.embed.device)
+        positions = torch.full_like(tokens, 2)
+        # freezing set for the whole compile (as an option of torch.compile it is not seen
+        # where the weights are lifted, and they stay unpacked inputs); no duck sizing, which
+        # would tie the batch to any cache dimension of the same size
+        with (torch.inference_mode(), inductor_config.patch(freezing=True),
+              shape_config.patch(use_duck_shape=False)):
+            self.compiled(tokens, positions, 0, 3, self._unsteered(2), self.cache.keys,
+                          self.cache.values)
+        logger.info("compiled in %.0f s", time.perf_counter() - started)
+        for slot in (0, 1):
             self.cache.clear(slot, 3)
 
     def _view(self, buffer: torch.Tensor, rows: int) -> torch.Tensor:
@@ -197,33 +193,58 @@ class CompiledDecode:
     def _unsteered(self, rows: int) -> torch.Tensor:
         return self._view(self._zeros, rows)
 
-    def _additive(self, plan: SteeringPlan | None, rows: int) -> torch.Tensor | None:
+    def _additive(self, plan: SteeringPlan | None, rows: int,
+                  graph_rows: int) -> torch.Tensor | None:
         """The batch's steering as the graph takes it (None: it cannot), made once per plan
-        (the hosted model keeps a decode plan until its lanes change)."""
+        (the hosted model keeps a decode plan until its lanes change); a dummy row's zero."""
         if plan is None:
-            return self._unsteered(rows)
+            return self._unsteered(graph_rows)
         if plan is not self._steering[0]:
             offsets = additive_residual(plan, self.cache.shape.num_layers, rows, self._width,
                                         self.graph.embed.device)
             if offsets is not None:
-                offsets = self._view(self._steered, rows).copy_(offsets)
+                steered = self._view(self._steered, graph_rows)
+                steered[:, :rows].copy_(offsets)
+                steered[:, rows:].zero_()
+                offsets = steered
             self._steering = (plan, offsets)
         return self._steering[1]
+
+    def _padded(self, tokens: torch.Tensor, positions: torch.Tensor, first_slot: int
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One row as two: the second feeds the same token at the last position of the next
+        lane slot (None: there is none). No lane there is decoding (it would be in this
+        batch), and one prefilling has a prompt shorter than the context, so that position
+        is never read before a lane writes it; what is left there is a finite number, which
+        masked attention multiplies by zero (kv_cache.py). The prefix cache's slots, whose
+        spans may reach that position, come after the lane slots and are never used."""
+        if first_slot + 1 >= self.lane_slots:
+            return None
+        self._pair[0] = tokens[0]
+        self._pair[1, 0] = positions[0]
+        self._pair[1, 1] = self.cache.shape.max_len - 1
+        return self._pair[0], self._pair[1]
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, first_slot: int,
                  kv_len: int, plan: SteeringPlan | None
                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(logits, hidden), or None where the steering is not additive or the graph would
         need compiling again."""
-        steering = self._additive(plan, tokens.shape[0])
+        rows = tokens.shape[0]
+        if rows == 1:
+            padded = self._padded(tokens, positions, first_slot)
+            if padded is None:
+                return None
+            tokens, positions = padded
+        steering = self._additive(plan, rows, tokens.shape[0])
         if steering is None:
             return None
         try:
             with torch.compiler.set_stance("fail_on_recompile"):
-                out = self.compiled(tokens, positions, first_slot, kv_len, steering,
-                                    self.cache.keys, self.cache.values)
+                logits, hidden = self.compiled(tokens, positions, first_slot, kv_len, steering,
+                                               self.cache.keys, self.cache.values)
             self.steps += 1
-            return out
+            return logits[:rows], hidden[:rows]
         except RuntimeError as exc:
             if "recompil" not in str(exc).lower():
                 raise

@@ -107,11 +107,12 @@ class ModelRunner:
 
     def _compiled_decode(self) -> CompiledDecode | None:
         reason = ("the Hugging Face modules run" if self.forward_kind != "fused"
+                  else "it needs --max-num-seqs 2 or more" if self.lane_slots < 2
                   else not_compilable(self.forward, self.model))
         if reason is not None:
             logger.warning("--compile-decode: decode stays eager (%s)", reason)
             return None
-        compiled = CompiledDecode(self.forward, self.lm_head, self.cache)
+        compiled = CompiledDecode(self.forward, self.lm_head, self.cache, self.lane_slots)
         compiled.warm_up()
         return compiled
 
