@@ -22,7 +22,7 @@ from steerserve.decoding.model.loader import from_pretrained_objects
 from steerserve.decoding.model.runner import ModelRunner
 from steerserve.decoding.sampling.params import SamplingParams
 from tests.engine_helpers import Collector, hf_greedy, run_to_completion
-from tests.tiny_models import tiny_gemma
+from tests.tiny_models import tiny_gemma, tiny_llama
 
 PROMPTS = [[1, 5, 9, 13, 4, 22, 40], [1, 7, 3], [1, 30, 31, 32, 33], [1, 8, 8, 2, 19]]
 
@@ -151,3 +151,18 @@ def test_families_outside_the_graph_stay_eager_and_say_why(tokenizer, caplog):
         runner = ModelRunner(loaded, 2, None, "fused", compile_decode=True)
     assert runner.compiled is None
     assert "decode stays eager (gemma's norms" in caplog.text
+
+
+def test_a_failed_compile_leaves_decode_eager_and_says_why(tokenizer, caplog):
+    """No C++ compiler for inductor (a real case on a bare machine): the server still starts."""
+    from torch._inductor import config as inductor_config
+
+    loaded = from_pretrained_objects(tiny_llama(len(tokenizer), seed=5), tokenizer, "l")
+    with caplog.at_level("WARNING"), inductor_config.patch({"cpp.cxx": ("/nonexistent/g++",)}):
+        runner = ModelRunner(loaded, 2, None, "fused", compile_decode=True)
+    assert runner.compiled is None
+    assert "decode stays eager (compiling failed" in caplog.text
+    with torch.inference_mode():
+        first = runner.prefill(0, PROMPTS[:2], [False, False])
+    assert runner.decode(0, [3, 4], [len(p) for p in PROMPTS[:2]]).logits.isfinite().all()
+    assert first.last_logits.isfinite().all()

@@ -113,7 +113,12 @@ class ModelRunner:
             logger.warning("--compile-decode: decode stays eager (%s)", reason)
             return None
         compiled = CompiledDecode(self.forward, self.lm_head, self.cache, self.lane_slots)
-        compiled.warm_up()
+        try:
+            compiled.warm_up()
+        except Exception as exc:  # e.g. no C++ compiler for inductor: serve eager, say why
+            logger.warning("--compile-decode: decode stays eager (compiling failed: %s)",
+                           str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            return None
         return compiled
 
     @property
