@@ -102,7 +102,7 @@ class DecodeGraph(torch.nn.Module):
         group = self.heads // self.kv_heads
         additive = additive.view(batch, 1, 1, kv_len).expand(batch, self.kv_heads, group, kv_len)
         additive = additive.reshape(batch * self.kv_heads, group, kv_len)
-        slots = self.key_positions[first_slot:first_slot + batch]
+        slots = self.key_positions[first_slot:first_slot + batch]  # the same arange
         for index, (layer, cached_keys, cached_values) in enumerate(
                 zip(self.layers, keys, values, strict=True)):
             x = x + self._attention(layer, x, cos, sin, additive, slots, positions,
