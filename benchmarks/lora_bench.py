@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -50,9 +51,11 @@ def write_adapter(path: Path, rank: int, seed: int, layers: int = 30) -> None:
     (path / "adapter_config.json").write_text(json.dumps(config))
 
 
-def serve_command(port: int, adapters: list[Path], max_loras: int) -> list[str]:
+def serve_command(port: int, adapters: list[Path], max_loras: int,
+                  extra: str = "") -> list[str]:
     command = [str(REPO / ".venv/bin/steerserve"), "serve", "--port", str(port),
-               "--max-loras", str(max_loras), "--max-lora-rank", "16", "--log-level", "warning"]
+               "--max-loras", str(max_loras), "--max-lora-rank", "16", "--log-level", "warning",
+               *shlex.split(extra)]
     for i, path in enumerate(adapters):
         command += ["--lora", f"a{i}={path}"]
     return command
@@ -62,7 +65,8 @@ def measure(adapters: list[Path], max_loras: int, models: list[str], args) -> fl
     """Wall time of len(models) concurrent streamed requests, request i on models[i]."""
     port = free_port()
     log_path = REPO / ".bench" / "logs" / f"lora-bench-{max_loras}.log"
-    with ManagedServer("steerserve", serve_command(port, adapters, max_loras), port, log_path,
+    with ManagedServer("steerserve", serve_command(port, adapters, max_loras,
+                                                   args.steerserve_args), port, log_path,
                        env={}, unset_env=("STEERSERVE_API_KEY",)) as server:
         server.wait_healthy(600)
         url = f"{server.base_url}/v1/chat/completions"
@@ -85,6 +89,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8, help="adapter rank")
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per case (best kept)")
+    parser.add_argument("--steerserve-args", default="",
+                        help="extra server flags, e.g. --steerserve-args=--compile-decode")
     args = parser.parse_args()
     root = REPO / ".bench" / "lora-adapters"
     paths = [root / f"a{i}" for i in range(args.adapters)]

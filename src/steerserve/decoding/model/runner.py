@@ -83,7 +83,8 @@ class ModelRunner:
                  compile_decode: bool = False) -> None:
         """`num_slots` for lanes, then `extra_slots` more for the prefix cache;
         `packed_weights`: our own forward and the LM head run on oneDNN-packed copies;
-        `compile_decode`: plain decode batches run one compiled graph (model/compiled.py)."""
+        `compile_decode`: decode batches without adapter or capture rows run one compiled
+        graph (model/compiled.py)."""
         self.loaded = loaded
         self.model = loaded.model
         self.decoder = getattr(self.model, self.model.base_model_prefix)
