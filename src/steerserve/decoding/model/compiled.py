@@ -30,10 +30,17 @@ from torch.fx.experimental import _config as shape_config
 
 from steerserve.adapters.steering.plan import SteeringPlan, additive_residual
 from steerserve.decoding.model.families import FAMILIES, rms_norm
-from steerserve.decoding.model.fused import FusedDecoder, FusedLayer
+from steerserve.decoding.model.fused import (
+    FusedDecoder,
+    FusedLayer,
+    grouped_decode,
+    rotate_half,
+)
 from steerserve.decoding.model.kv_cache import SlotKVCache
 
 logger = logging.getLogger(__name__)
+
+RECOMPILE = "Detected recompile"  # how dynamo's fail_on_recompile stance raises (RuntimeError)
 
 
 def _frozen(tensor: torch.Tensor | None) -> torch.nn.Parameter | None:
@@ -120,19 +127,14 @@ class DecodeGraph(torch.nn.Module):
         qkv = F.linear(rms_norm(x, layer.attention_norm, self.eps), layer.qkv, layer.qkv_bias)
         qk = qkv[:, :(heads + kv_heads) * dim].view(batch, heads + kv_heads, dim)
         v = qkv[:, (heads + kv_heads) * dim:].view(batch, kv_heads, dim)
-        half = dim // 2
-        qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+        qk = qk * cos + rotate_half(qk) * sin
         q, k = qk[:, :heads], qk[:, heads:]
         cached_keys[slots, :, positions] = k
         cached_values[slots, :, positions] = v
-        rows = batch * kv_heads  # slots and heads fold into one dimension, as in fused.py
-        window_keys = cached_keys.narrow(0, first_slot, batch)[:, :, :kv_len]
-        window_values = cached_values.narrow(0, first_slot, batch)[:, :, :kv_len]
-        scores = torch.baddbmm(additive, q.reshape(rows, heads // kv_heads, dim),
-                               window_keys.reshape(rows, kv_len, dim).transpose(1, 2),
-                               alpha=layer.scale)
-        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
-        out = torch.bmm(weights, window_values.reshape(rows, kv_len, dim))
+        out = grouped_decode(q.unsqueeze(2),
+                             cached_keys.narrow(0, first_slot, batch)[:, :, :kv_len],
+                             cached_values.narrow(0, first_slot, batch)[:, :, :kv_len],
+                             additive, layer.scale)  # (B, H, 1, D)
         return F.linear(out.reshape(batch, heads * dim), layer.o, layer.o_bias)
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
@@ -158,7 +160,7 @@ class CompiledDecode:
         self._width = decoder.embed.weight.shape[1]
         # The graph's steering input: zeros, or a batch's additive steering copied into the
         # second buffer. Both made here, outside inference mode, as the graph was traced.
-        size = cache.shape.num_layers * cache.shape.num_slots * self._width
+        size = cache.shape.num_layers * lane_slots * self._width
         self._zeros = torch.zeros(size, device=self.graph.embed.device)
         self._steered = torch.zeros(size, device=self.graph.embed.device)
         self._steering: tuple[SteeringPlan | None, torch.Tensor | None] = (None, None)
@@ -246,10 +248,10 @@ class CompiledDecode:
             self.steps += 1
             return logits[:rows], hidden[:rows]
         except RuntimeError as exc:
-            if "recompil" not in str(exc).lower():
+            if not str(exc).startswith(RECOMPILE):
                 raise
-            if not self.fell_back:
-                logger.warning("compiled decode: a batch it was not compiled for ran eager "
-                               "(%s)", str(exc).splitlines()[0])
+            if not self.fell_back:  # the message names the guards that failed
+                logger.warning("compiled decode: a batch it was not compiled for ran eager: "
+                               "%s", exc)
                 self.fell_back = True
             return None

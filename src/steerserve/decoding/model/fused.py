@@ -85,9 +85,33 @@ def _layer(index: int, prefix: str, layer: torch.nn.Module, config, sandwich: bo
         layer.post_feedforward_layernorm.weight if sandwich else None)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def grouped_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, additive: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """Decode attention, one new position per row: q (B, H, 1, D), the cache's window k, v
+    (B, KV, K, D), additive (B KV, H / KV, K) 0 / -inf -> (B, H, 1, D). The heads that share
+    a KV head attend as one batched matmul, with no repeated keys; scale and mask in one
+    baddbmm, the softmax upcasting itself (a step 1-6% faster than masking per layer,
+    benchmarks/decode_attention.py). bf16/fp16 batches copy the window first (see
+    `FusedDecoder._grouped_attention`; then 2-3x faster than SDPA's kernel, which wins for
+    one row); fp32 reads the strided window itself, 1.3-1.6x faster than SDPA at 8-64 rows
+    of 100 keys and level at 500, and runs for one row too, so a row's arithmetic does not
+    depend on the batch size (docs/benchmarks.md)."""
+    batch, heads, _, dim = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    rows = batch * kv_heads
+    if k.dtype != torch.float32:
+        k, v = k.contiguous(), v.contiguous()
+    # a slice of the slot cache's rows: slots and heads still fold into one dimension
+    k, v = k.reshape(rows, keys, dim), v.reshape(rows, keys, dim)
+    grouped = q.reshape(rows, heads // kv_heads, dim)
+    scores = torch.baddbmm(additive, grouped, k.transpose(1, 2), alpha=scale)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    return torch.bmm(weights, v).view(batch, heads, 1, dim)
 
 
 class FusedDecoder:
@@ -194,7 +218,7 @@ class FusedDecoder:
             qk = torch.cat([self.rms_norm(qk[:, :, :self.heads], layer.q_norm, self.eps),
                             self.rms_norm(qk[:, :, self.heads:], layer.k_norm, self.eps)], 2)
         cos, sin = rotation
-        qk = qk * cos + _rotate_half(qk) * sin
+        qk = qk * cos + rotate_half(qk) * sin
         q, k = qk[:, :, :self.heads].transpose(1, 2), qk[:, :, self.heads:].transpose(1, 2)
         v = v.reshape(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
         if window is not None:
@@ -238,24 +262,7 @@ class FusedDecoder:
 
     def _grouped_decode(self, layer: FusedLayer, q: torch.Tensor, k: torch.Tensor,
                         v: torch.Tensor, additive: torch.Tensor) -> torch.Tensor:
-        """Decode, one new position per row: the heads that share a KV head attend as one
-        batched matmul, with no repeated keys; scale and mask in one baddbmm, the softmax
-        upcasting itself (a step 1-6% faster than masking per layer,
-        benchmarks/decode_attention.py). bf16/fp16 batches copy the cache's window first
-        (see `_grouped_attention`; then 2-3x faster than SDPA's kernel, which wins for one
-        row); fp32 reads the strided window itself, 1.3-1.6x faster than SDPA at 8-64 rows
-        of 100 keys and level at 500, and runs for one row too, so a row's arithmetic does
-        not depend on the batch size (docs/benchmarks.md)."""
-        batch, keys, group = q.shape[0], k.shape[2], self.heads // self.kv_heads
-        rows = batch * self.kv_heads
-        if k.dtype != torch.float32:
-            k, v = k.contiguous(), v.contiguous()
-        # a slice of the slot cache's rows: slots and heads still fold into one dimension
-        k, v = k.reshape(rows, keys, self.head_dim), v.reshape(rows, keys, self.head_dim)
-        grouped = q.reshape(rows, group, self.head_dim)
-        scores = torch.baddbmm(additive, grouped, k.transpose(1, 2), alpha=layer.scale)
-        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
-        return torch.bmm(weights, v).view(batch, self.heads, 1, self.head_dim)
+        return grouped_decode(q, k, v, additive, layer.scale)
 
     def _mlp(self, layer: FusedLayer, x: torch.Tensor, lora) -> torch.Tensor:
         h = self.rms_norm(x, layer.mlp_norm, self.eps)
