@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: serve test lint bench install browser clean
+.PHONY: serve test lint bench install browser compiler clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,16 @@ browser:
 	  || echo "could not install chromium: the browser tests will be skipped"; \
 	else echo "no /usr/bin/chromium and not root: the browser tests will be skipped"; fi
 
-test: $(STAMP) browser
+# --compile-decode (and its tests) needs a C++ compiler: inductor builds the graph's kernels
+# with g++. Installed here the same way; without it those tests skip and say why.
+compiler:
+	@if command -v g++ >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null) \
+	  || echo "could not install g++: the compiled-decode tests will be skipped"; \
+	else echo "no g++ and not root: the compiled-decode tests will be skipped"; fi
+
+test: $(STAMP) browser compiler
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(ARGS)
 
