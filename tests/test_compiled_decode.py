@@ -6,11 +6,13 @@ refused with the reason."""
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import pytest
 import torch
 
+from steerserve.adapters.lora.files import load_lora_adapter
 from steerserve.adapters.steering.plan import decode_plan
 from steerserve.adapters.steering.spec import (
     ApplyTo,
@@ -20,10 +22,15 @@ from steerserve.adapters.steering.spec import (
     SteerTarget,
 )
 from steerserve.decoding.engine.core import Engine, EngineConfig
+from steerserve.decoding.methods.dola import DoLa
+from steerserve.decoding.model.capture import EMBEDDINGS, Capture
 from steerserve.decoding.model.loader import from_pretrained_objects
 from steerserve.decoding.model.runner import ModelRunner
+from steerserve.decoding.request import EngineRequest, LaneSpec
 from steerserve.decoding.sampling.params import SamplingParams
 from tests.engine_helpers import Collector, hf_greedy, run_to_completion
+from tests.test_lora import PROMPTS as LORA_PROMPTS
+from tests.test_lora import peft_adapters, peft_greedy, submit_all
 from tests.tiny_models import tiny_gemma, tiny_llama
 
 # inductor builds the graph's kernels with g++ (`make test` installs it where it can)
@@ -153,6 +160,127 @@ def test_added_steering_in_the_graph_equals_the_eager_kernels(engine, qwen2):
     finally:
         runner.compiled = compiled
         for slot in range(len(prompts)):
+            runner.cache.clear(slot, max(positions) + 1)
+
+
+@needs_cxx
+def test_block_outputs_from_the_graph_equal_the_eager_capture(engine):
+    """DoLa's early exits: the graph returns every block output, and a capture reads the
+    rows and layers it asks for (the embeddings too) as the eager hook points do."""
+    runner = engine.primary.runner
+    compiled = runner.compiled
+    with torch.inference_mode():
+        first = runner.prefill(0, PROMPTS[:3], [False] * 3)
+    tokens = [int(t) for t in first.last_logits.argmax(-1)]
+    positions = [len(p) for p in PROMPTS[:3]]
+    found = {}
+    try:
+        for name, graph in (("graph", compiled), ("eager", None)):
+            runner.compiled = graph
+            steps = compiled.steps
+            capture = Capture(frozenset({EMBEDDINGS, 0, 1}), SteerTarget.RESIDUAL,
+                              torch.zeros(2, dtype=torch.long), torch.tensor([0, 2]))
+            runner.decode(0, tokens, positions, capture=capture)
+            assert (compiled.steps > steps) == (graph is not None)
+            found[name] = capture.found
+    finally:
+        runner.compiled = compiled
+        for slot in range(3):
+            runner.cache.clear(slot, max(positions) + 1)
+    assert sorted(found["graph"]) == [EMBEDDINGS, 0, 1]
+    for layer, eager in found["eager"].items():
+        assert found["graph"][layer].shape == eager.shape == (2, eager.shape[-1])
+        torch.testing.assert_close(found["graph"][layer], eager, atol=1e-4, rtol=0)
+
+
+@needs_cxx
+def test_a_dola_request_rides_the_graph_and_keeps_its_tokens_beside_a_plain_one(engine):
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    name = engine.primary.loaded.name
+
+    def dola(request_id: str) -> EngineRequest:
+        return EngineRequest(request_id, tuple(PROMPTS[0]), params, DoLa(
+            (LaneSpec(name, tuple(PROMPTS[0])),), layers=(0, 1), relative_top=0.1))
+
+    compiled = engine.primary.runner.compiled
+    alone = Collector()
+    alone.submit_request(engine, dola("dola"))
+    run_to_completion(engine)
+    steps = compiled.steps
+    together = Collector()
+    together.submit_request(engine, dola("dola"))
+    together.submit(engine, "plain", PROMPTS[1], params)
+    run_to_completion(engine)
+    assert together.tokens("dola") == alone.tokens("dola")
+    assert compiled.steps >= steps + 5
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, tokenizer):
+    return peft_adapters(tmp_path_factory, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def lora_engine(adapters, tokenizer):
+    """LoRA on: one graph takes every batch, its adapters as inputs (plain rows: zeros)."""
+    base, made = adapters
+    loaded = from_pretrained_objects(copy.deepcopy(base), tokenizer, "base")
+    engine = Engine(loaded, EngineConfig(max_num_seqs=6, max_loras=3, max_lora_rank=8,
+                                         compile_decode=True))
+    linears = engine.primary.lora_slots.bank.linears
+    return engine, {name: load_lora_adapter(name, path, linears, 8) for name, path, _ in made}
+
+
+@needs_cxx
+def test_adapter_rows_in_the_graph_match_peft_and_each_alone(lora_engine, adapters,
+                                                           tokenizer):
+    """Three adapters on different projections and ranks, and plain rows, in one batch;
+    each adapter alone against peft's PeftModel."""
+    engine, loras = lora_engine
+    _, made = adapters
+    compiled = engine.primary.runner.compiled
+    assert compiled is not None and compiled.lora is not None
+    plan = [("base0", LORA_PROMPTS[0], None), ("a0", LORA_PROMPTS[1], "a0"),
+            ("a1", LORA_PROMPTS[2], "a1"), ("a2", LORA_PROMPTS[0], "a2"),
+            ("base1", LORA_PROMPTS[1], None)]
+    steps = compiled.steps
+    together = submit_all(engine, tokenizer, loras, plan)
+    assert compiled.steps >= steps + 7 and not compiled.fell_back
+    for name, _, peft_model in made:
+        prompt = next(prompt for _, prompt, adapter in plan if adapter == name)
+        assert together.tokens(name) == peft_greedy(peft_model, tokenizer, prompt, 8), name
+    for job in plan:
+        alone = submit_all(engine, tokenizer, loras, [job])
+        assert alone.tokens(job[0]) == together.tokens(job[0]), job[0]
+    assert together.tokens("a0") != together.tokens("base1")
+
+
+@needs_cxx
+def test_adapter_logits_in_the_graph_equal_the_eager_forward(lora_engine, tokenizer):
+    engine, loras = lora_engine
+    runner, slots = engine.primary.runner, engine.primary.lora_slots
+    compiled = runner.compiled
+    held = [slots.acquire(loras[name]) for name in ("a0", "a1")]
+    prompts = [tokenizer(prompt)["input_ids"] for prompt in LORA_PROMPTS]
+    rows = [held[0], -1, held[1]]
+    with torch.inference_mode():
+        first = runner.prefill(0, prompts, [False] * 3, rows)
+    tokens = [int(t) for t in first.last_logits.argmax(-1)]
+    positions = [len(p) for p in prompts]
+    try:
+        for batch in (3, 1):
+            steps = compiled.steps
+            ours = runner.decode(0, tokens[:batch], positions[:batch], rows[:batch])
+            assert compiled.steps == steps + 1
+            runner.compiled = None
+            eager = runner.decode(0, tokens[:batch], positions[:batch], rows[:batch])
+            runner.compiled = compiled
+            torch.testing.assert_close(ours.logits, eager.logits, atol=1e-4, rtol=0)
+    finally:
+        runner.compiled = compiled
+        for slot in held:
+            slots.release(slot)
+        for slot in range(3):
             runner.cache.clear(slot, max(positions) + 1)
 
 

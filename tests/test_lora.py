@@ -34,6 +34,11 @@ def make_peft_adapter(base, spec: dict, seed: int, path):
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory, tokenizer):
+    return peft_adapters(tmp_path_factory, tokenizer)
+
+
+def peft_adapters(tmp_path_factory, tokenizer):
+    """The tiny Llama and ADAPTER_SPECS saved by peft: (base, [(name, path, peft model)])."""
     base = tiny_llama(len(tokenizer))
     made = []
     for i, spec in enumerate(ADAPTER_SPECS):

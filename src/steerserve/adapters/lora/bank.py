@@ -50,6 +50,7 @@ class LoraBank:
         self.scaling = torch.zeros(num_slots, dtype=torch.float32, device=self.device)
         self.slot_rank = [0] * num_slots
         self.active: LoraBatch | None = None
+        self.version = 0  # counts slot writes: what caches of slot weights key on
         self._dense_cache: dict[tuple, tuple] = {}
         if use_triton is None:  # the process's one choice for this device (kernels.dispatch)
             use_triton = kernels_use_triton(self.device)
@@ -73,6 +74,7 @@ class LoraBank:
         self.scaling[slot] = scaling
         self.slot_rank[slot] = max((a.shape[0] for a, _ in weights.values()), default=0)
         self._dense_cache.clear()
+        self.version += 1
 
     def _allocate(self, key: str) -> None:
         if key in self.lora_a:

@@ -6,16 +6,19 @@ dispatch is a third of a step on two CPU cores (docs/benchmarks.md). Compiled on
 weights frozen (inductor packs them for oneDNN itself and fuses the elementwise ops between
 the products into C++ loops), the same step is one call.
 
-It serves decode batches whose rows carry no LoRA adapter and no capture, and whose steering
-only adds vectors to the residual stream (control vectors, the common case): the arithmetic
-of FusedDecoder's path, restated as one traceable function over the slot cache, with that
-steering as one (layers, rows, width) tensor added to each block's output (zeros for
-unsteered rows, whose outputs are then exactly the unsteered ones). Every other batch runs
-eager. The graph is compiled once, at start, for any batch of two or more rows and any key
-length; one row runs it beside a dummy row (see `_padded`), so a row's arithmetic is the same
-at every batch size. After start it may never recompile (`fail_on_recompile`): a call that
-would runs eager instead, logged, rather than stalling the engine for a compile. Its logits
-match the eager forward's to float rounding, not bit for bit (tests/test_compiled_decode.py).
+It serves decode batches whose steering only adds vectors to the residual stream (control
+vectors, the common case), with or without LoRA adapters and block-output captures (DoLa's
+early exits): the arithmetic of FusedDecoder's path, restated as one traceable function over
+the slot cache, with that steering as one (layers, rows, width) tensor added to each block's
+output (zeros for unsteered rows, whose outputs are then exactly the unsteered ones), the
+adapters as gathered weights and a per-row mask (model/graph_lora.py), and every block's
+output returned for a capture to read. Every other batch (other steering edits, a capture of
+the heads' outputs) runs eager. The graph is compiled once, at start, for any batch of two or
+more rows, any key length and any set of adapters; one row runs it beside a dummy row (see
+`_padded`), so a row's arithmetic is the same at every batch size. After start it may never
+recompile (`fail_on_recompile`): a call that would runs eager instead, logged, rather than
+stalling the engine for a compile. Its logits match the eager forward's to float rounding,
+not bit for bit (tests/test_compiled_decode.py).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 from torch._inductor import config as inductor_config
 from torch.fx.experimental import _config as shape_config
 
+from steerserve.adapters.lora.bank import LoraBank
 from steerserve.adapters.steering.plan import SteeringPlan, additive_residual
 from steerserve.decoding.model.families import FAMILIES, rms_norm
 from steerserve.decoding.model.fused import (
@@ -36,6 +40,7 @@ from steerserve.decoding.model.fused import (
     grouped_decode,
     rotate_half,
 )
+from steerserve.decoding.model.graph_lora import GraphLora, LoraInputs, delta
 from steerserve.decoding.model.kv_cache import SlotKVCache
 
 logger = logging.getLogger(__name__)
@@ -74,10 +79,22 @@ class _Layer(torch.nn.Module):
         self.act, self.scale = layer.act, layer.scale
 
 
+class _LayerLora:
+    """One layer's view of the batch's LoraInputs: a projection's adapter deltas."""
+
+    def __init__(self, lora: LoraInputs, index: int) -> None:
+        self.lora, self.index = lora, index
+
+    def __call__(self, x: torch.Tensor, projection: str) -> torch.Tensor:
+        return delta(x, getattr(self.lora, f"a_{projection}")[self.index],
+                     getattr(self.lora, f"b_{projection}")[self.index], self.lora.mask)
+
+
 class DecodeGraph(torch.nn.Module):
     """(B,) tokens at (B,) positions in slots first_slot.., (layers, B, C) fp32 added to the
-    block outputs -> (B, V) fp32 logits and the (B, C) normed hidden states; writes each
-    row's keys and values into the cache."""
+    block outputs, the batch's adapters (or None: a server without LoRA) -> (B, V) fp32
+    logits, the (B, C) normed hidden states and the (layers + 1, B, C) block outputs after
+    the embeddings; writes each row's keys and values into the cache."""
 
     def __init__(self, decoder: FusedDecoder, head: torch.nn.Module, max_len: int) -> None:
         super().__init__()
@@ -99,9 +116,11 @@ class DecodeGraph(torch.nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, first_slot: int,
                 kv_len: int, steering: torch.Tensor, keys: list[torch.Tensor],
-                values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                values: list[torch.Tensor], lora: LoraInputs | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch = tokens.shape[0]
         x = F.embedding(tokens, self.embed)  # (B, C)
+        blocks = [x]
         cos, sin = self.cos[positions], self.sin[positions]  # (B, 1, D)
         seen = self.key_positions[:kv_len].unsqueeze(0) <= positions.unsqueeze(1)  # (B, K)
         additive = torch.zeros(seen.shape, dtype=x.dtype, device=x.device)
@@ -112,19 +131,26 @@ class DecodeGraph(torch.nn.Module):
         slots = self.key_positions[first_slot:first_slot + batch]  # the same arange
         for index, (layer, cached_keys, cached_values) in enumerate(
                 zip(self.layers, keys, values, strict=True)):
+            adapters = None if lora is None else _LayerLora(lora, index)
             x = x + self._attention(layer, x, cos, sin, additive, slots, positions,
-                                    cached_keys, cached_values, first_slot, kv_len)
-            x = x + self._mlp(layer, x)
+                                    cached_keys, cached_values, first_slot, kv_len, adapters)
+            x = x + self._mlp(layer, x, adapters)
             # the steering kernels' ADD: in fp32, and never inf or NaN (edits.keep_finite)
             x = torch.nan_to_num(x.float() + steering[index], nan=0.0).to(x.dtype)
+            blocks.append(x)
         hidden = rms_norm(x, self.norm, self.eps)
-        return F.linear(hidden, self.head, self.head_bias).float(), hidden
+        logits = F.linear(hidden, self.head, self.head_bias).float()
+        return logits, hidden, torch.stack(blocks)
 
     def _attention(self, layer: _Layer, x, cos, sin, additive, slots, positions,
-                   cached_keys, cached_values, first_slot: int, kv_len: int) -> torch.Tensor:
+                   cached_keys, cached_values, first_slot: int, kv_len: int,
+                   adapters: _LayerLora | None) -> torch.Tensor:
         batch = x.shape[0]
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
-        qkv = F.linear(rms_norm(x, layer.attention_norm, self.eps), layer.qkv, layer.qkv_bias)
+        h = rms_norm(x, layer.attention_norm, self.eps)
+        qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+        if adapters is not None:
+            qkv = qkv + torch.cat([adapters(h, "q"), adapters(h, "k"), adapters(h, "v")], -1)
         qk = qkv[:, :(heads + kv_heads) * dim].view(batch, heads + kv_heads, dim)
         v = qkv[:, (heads + kv_heads) * dim:].view(batch, kv_heads, dim)
         qk = qk * cos + rotate_half(qk) * sin
@@ -135,23 +161,33 @@ class DecodeGraph(torch.nn.Module):
                              cached_keys.narrow(0, first_slot, batch)[:, :, :kv_len],
                              cached_values.narrow(0, first_slot, batch)[:, :, :kv_len],
                              additive, layer.scale)  # (B, H, 1, D)
-        return F.linear(out.reshape(batch, heads * dim), layer.o, layer.o_bias)
+        out = out.reshape(batch, heads * dim)
+        o = F.linear(out, layer.o, layer.o_bias)
+        return o if adapters is None else o + adapters(out, "o")
 
-    def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
-        gate_up = F.linear(rms_norm(x, layer.mlp_norm, self.eps), layer.gate_up,
-                           layer.gate_up_bias)
+    def _mlp(self, layer: _Layer, x: torch.Tensor, adapters: _LayerLora | None
+             ) -> torch.Tensor:
+        h = rms_norm(x, layer.mlp_norm, self.eps)
+        gate_up = F.linear(h, layer.gate_up, layer.gate_up_bias)
         gate, up = gate_up.chunk(2, dim=-1)
-        return F.linear(layer.act(gate) * up, layer.down, layer.down_bias)
+        if adapters is not None:
+            gate, up = gate + adapters(h, "gate"), up + adapters(h, "up")
+        inner = layer.act(gate) * up
+        down = F.linear(inner, layer.down, layer.down_bias)
+        return down if adapters is None else down + adapters(inner, "down")
 
 
 class CompiledDecode:
     """The compiled graph and when to use it; built by the runner with `--compile-decode`."""
 
     def __init__(self, decoder: FusedDecoder, head: torch.nn.Module, cache: SlotKVCache,
-                 lane_slots: int) -> None:
-        """`lane_slots`: the cache's first slots, the lanes' (the prefix cache's follow)."""
+                 lane_slots: int, lora_bank: LoraBank | None = None) -> None:
+        """`lane_slots`: the cache's first slots, the lanes' (the prefix cache's follow);
+        with a `lora_bank` the graph takes every batch's adapters (a plain batch: zeros)."""
         self.cache, self.lane_slots = cache, lane_slots
         self.graph = DecodeGraph(decoder, head, cache.shape.max_len).eval()
+        self.lora = None if lora_bank is None else GraphLora(
+            lora_bank, [layer.prefix for layer in decoder.layers])
         for cached in (*cache.keys, *cache.values):  # fixed buffers: no symbolic sizes
             torch._dynamo.mark_static(cached)
         self.compiled = torch.compile(self.graph, dynamic=True, fullgraph=True)
@@ -182,8 +218,10 @@ class CompiledDecode:
         # would tie the batch to any cache dimension of the same size
         with (torch.inference_mode(), inductor_config.patch(freezing=True),
               shape_config.patch(use_duck_shape=False)):
+            # made in inference mode, as the runner's decode makes them
+            lora = None if self.lora is None else self.lora.inputs([], 2)
             self.compiled(tokens, positions, 0, 3, self._unsteered(2), self.cache.keys,
-                          self.cache.values)
+                          self.cache.values, lora)
         logger.info("compiled in %.0f s", time.perf_counter() - started)
         for slot in (0, 1):
             self.cache.clear(slot, 3)
@@ -228,11 +266,15 @@ class CompiledDecode:
         return self._pair[0], self._pair[1]
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, first_slot: int,
-                 kv_len: int, plan: SteeringPlan | None
-                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(logits, hidden), or None where the steering is not additive or the graph would
-        need compiling again."""
+                 kv_len: int, plan: SteeringPlan | None, lora_slots: list[int] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(logits, hidden, block outputs (layers + 1, B, C) with the embeddings first), or
+        None where the graph cannot take the batch: steering that is not additive, adapter
+        rows without a LoRA bank, or a batch it would need compiling again for."""
         rows = tokens.shape[0]
+        adapted = lora_slots is not None and any(slot >= 0 for slot in lora_slots)
+        if adapted and self.lora is None:
+            return None
         if rows == 1:
             padded = self._padded(tokens, positions, first_slot)
             if padded is None:
@@ -241,12 +283,15 @@ class CompiledDecode:
         steering = self._additive(plan, rows, tokens.shape[0])
         if steering is None:
             return None
+        lora = None if self.lora is None else self.lora.inputs(
+            lora_slots if adapted else [], tokens.shape[0])
         try:
             with torch.compiler.set_stance("fail_on_recompile"):
-                logits, hidden = self.compiled(tokens, positions, first_slot, kv_len, steering,
-                                               self.cache.keys, self.cache.values)
+                logits, hidden, blocks = self.compiled(tokens, positions, first_slot, kv_len,
+                                                       steering, self.cache.keys,
+                                                       self.cache.values, lora)
             self.steps += 1
-            return logits[:rows], hidden[:rows]
+            return logits[:rows], hidden[:rows], blocks[:, :rows]
         except RuntimeError as exc:
             if not str(exc).startswith(RECOMPILE):
                 raise

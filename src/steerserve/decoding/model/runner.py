@@ -13,6 +13,7 @@ import torch
 
 from steerserve.adapters.lora.bank import LoraBank
 from steerserve.adapters.steering.plan import SteeringPlan
+from steerserve.adapters.steering.spec import SteerTarget
 from steerserve.decoding.model.capture import Capture
 from steerserve.decoding.model.compiled import CompiledDecode, not_compilable
 from steerserve.decoding.model.families import unsupported
@@ -83,8 +84,8 @@ class ModelRunner:
                  compile_decode: bool = False) -> None:
         """`num_slots` for lanes, then `extra_slots` more for the prefix cache;
         `packed_weights`: our own forward and the LM head run on oneDNN-packed copies;
-        `compile_decode`: decode batches without adapter or capture rows run one compiled
-        graph (model/compiled.py)."""
+        `compile_decode`: decode batches run one compiled graph, adapters and early-exit
+        captures included, where their steering only adds vectors (model/compiled.py)."""
         self.loaded = loaded
         self.model = loaded.model
         self.decoder = getattr(self.model, self.model.base_model_prefix)
@@ -113,7 +114,8 @@ class ModelRunner:
         if reason is not None:
             logger.warning("--compile-decode: decode stays eager (%s)", reason)
             return None
-        compiled = CompiledDecode(self.forward, self.lm_head, self.cache, self.lane_slots)
+        compiled = CompiledDecode(self.forward, self.lm_head, self.cache, self.lane_slots,
+                                  self.lora_bank)
         try:
             compiled.warm_up()
         except Exception as exc:  # e.g. no C++ compiler for inductor: serve eager, say why
@@ -153,12 +155,15 @@ class ModelRunner:
         """One new token per row at its own position; the index tensors are views of the
         runner's preallocated step inputs (decoding/model/step_inputs.py)."""
         rows = self.inputs.decode(first_slot, tokens, positions, lora_slots)
-        if (self.compiled is not None and capture is None
-                and (lora_slots is None or all(slot < 0 for slot in lora_slots))):
+        if self.compiled is not None and (capture is None
+                                          or capture.target == SteerTarget.RESIDUAL):
             compiled = self.compiled(rows.tokens, rows.positions, first_slot, rows.kv_len,
-                                     steering)
+                                     steering, lora_slots)
             if compiled is not None:
-                return DecodeResult(*compiled)
+                logits, hidden, blocks = compiled
+                for layer in capture.layers if capture is not None else ():
+                    capture.read(layer, blocks[layer + 1].unsqueeze(1))  # EMBEDDINGS is -1
+                return DecodeResult(logits, hidden)
         window = self.cache.for_decode(rows.slots, first_slot, rows.positions, rows.kv_len)
         hidden = self._run(rows.tokens.unsqueeze(1), rows.positions.unsqueeze(1),
                            decode_mask(rows.positions, rows.kv_len), window, lora_slots,
