@@ -2,6 +2,7 @@
 """Where a decode step's time goes, by phase, beside the step's matmul floor of the same run.
 
     .venv/bin/python benchmarks/step_profile.py [--batches 1,64] [--steps 40] [--threads 2]
+        [--compile-decode]
 
 On the embedded SmolLM2 in the server's default dtype (bf16 where the CPU has it), an engine
 with `batch` running greedy requests (chat-templated prompts, EOS ignored) takes `steps`
@@ -12,6 +13,7 @@ decode steps; each phase is timed inclusively by wrapping the function that does
     plan                     Scheduler.plan
     compute                  StepComputer: forwards, the methods' mix, sampling
       forward                model/forward.run: the decoder and the LM head
+        compiled graph       the compiled decode forward (--compile-decode), LM head included
         attention            SDPA or the grouped matmuls, over the slot cache
         KV cache write       CacheWindow.update
         LM head              ModelRunner.logits
@@ -41,6 +43,7 @@ from steerserve.decoding.engine import compute as compute_module
 from steerserve.decoding.engine import scheduler as scheduler_module
 from steerserve.decoding.engine.core import Engine, EngineConfig
 from steerserve.decoding.methods.plain import Plain
+from steerserve.decoding.model import compiled as compiled_module
 from steerserve.decoding.model import forward as forward_module
 from steerserve.decoding.model import fused as fused_module
 from steerserve.decoding.model import kv_cache as kv_cache_module
@@ -53,10 +56,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_client import PROMPTS  # noqa: E402
 from step_floor import floor_case  # noqa: E402
 
-PHASES = ("step", "inbox", "plan", "compute", "forward", "attention", "KV cache write",
-          "LM head", "mix", "sampling", "commit", "matmul floor", "packed floor")
+PHASES = ("step", "inbox", "plan", "compute", "forward", "compiled graph", "attention",
+          "KV cache write", "LM head", "mix", "sampling", "commit", "matmul floor",
+          "packed floor")
 DEPTH = {"inbox": 1, "plan": 1, "compute": 1, "commit": 1, "forward": 2, "mix": 2,
-         "sampling": 2, "attention": 3, "KV cache write": 3, "LM head": 3}
+         "sampling": 2, "compiled graph": 3, "attention": 3, "KV cache write": 3,
+         "LM head": 3}
 
 
 class PhaseTimers:
@@ -87,6 +92,7 @@ def instrument(timers: PhaseTimers) -> None:
     timers.wrap(scheduler_module.Scheduler, "plan", "plan")
     timers.wrap(compute_module.StepComputer, "__call__", "compute")
     timers.wrap(forward_module, "run", "forward")
+    timers.wrap(compiled_module.CompiledDecode, "__call__", "compiled graph")
     timers.wrap(fused_module.FusedDecoder, "_grouped_attention", "attention")
     timers.wrap(fused_module.FusedDecoder, "_grouped_decode", "attention")
     timers.wrap(F, "scaled_dot_product_attention", "attention")
@@ -97,9 +103,10 @@ def instrument(timers: PhaseTimers) -> None:
     timers.wrap(Engine, "_commit", "commit")
 
 
-def busy_engine(loaded, batch: int) -> Engine:
+def busy_engine(loaded, batch: int, compile_decode: bool) -> Engine:
     """An engine with `batch` greedy requests, all past their prefill."""
-    engine = Engine(loaded, EngineConfig(max_num_seqs=batch))
+    engine = Engine(loaded, EngineConfig(max_num_seqs=max(batch, 2),
+                                         compile_decode=compile_decode))
     tokenizer = loaded.tokenizer
     for i in range(batch):
         messages = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
@@ -115,10 +122,10 @@ def busy_engine(loaded, batch: int) -> Engine:
     return engine
 
 
-def profile(loaded, timers: PhaseTimers, batch: int, steps: int,
-            warmup: int) -> dict[str, float]:
+def profile(loaded, timers: PhaseTimers, batch: int, steps: int, warmup: int,
+            compile_decode: bool) -> dict[str, float]:
     timers.seconds.clear()
-    engine = busy_engine(loaded, batch)
+    engine = busy_engine(loaded, batch, compile_decode)
     for _ in range(warmup):
         engine.step()
     timers.on = True
@@ -160,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--dtype", default=None, help="default: the server's (auto)")
+    parser.add_argument("--compile-decode", action="store_true",
+                        help="the engine's decode runs the compiled graph (compiles per batch)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = args.dtype or ("bfloat16" if cpu_has_native_bf16() else "float32")
@@ -170,8 +179,10 @@ def main(argv: list[str] | None = None) -> None:
     with torch.inference_mode():
         for batch in args.batches:
             print(f"[profile] batch {batch}", file=sys.stderr, flush=True)
-            results[batch] = profile(loaded, timers, batch, args.steps, args.warmup)
-    print(f"{dtype}, {args.threads} threads, {args.steps} decode steps per batch "
+            results[batch] = profile(loaded, timers, batch, args.steps, args.warmup,
+                                     args.compile_decode)
+    graph = ", --compile-decode" if args.compile_decode else ""
+    print(f"{dtype}, {args.threads} threads{graph}, {args.steps} decode steps per batch "
           f"(mean ms per step)\n")
     print(table(results))
 
