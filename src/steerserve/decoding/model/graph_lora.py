@@ -22,7 +22,7 @@ A_KINDS = (("a_q", "self_attn.q_proj"), ("a_k", "self_attn.k_proj"),
            ("a_v", "self_attn.v_proj"), ("a_o", "self_attn.o_proj"),
            ("a_gate", "mlp.gate_proj"), ("a_up", "mlp.up_proj"), ("a_down", "mlp.down_proj"))
 B_KINDS = tuple((f"b{name[1:]}", key) for name, key in A_KINDS)
-MIN_WIDTH = 2
+MIN_WIDTH = 2  # the gathered width is symbolic in the graph: 0 and 1 would be constants
 CACHED_SETS = 4  # recent adapter sets whose gathered weights are kept
 
 
