@@ -20,7 +20,7 @@ class ServerSettings:
     max_prefill_tokens: int = 512
     forward: str = "auto"  # auto | fused | hf
     packed_weights: bool = True  # projections on oneDNN-packed copies (CPU)
-    compile_decode: bool = False  # plain decode batches as one inductor graph
+    compile_decode: bool = False  # decode batches as one inductor graph (model/compiled.py)
     prefix_cache_slots: int = 8
     max_n: int = 16
     max_stop: int = 16

@@ -105,11 +105,17 @@ class LoraBank:
             rows = torch.tensor(row_slots, dtype=torch.long, device=self.device)
         token_slots = rows if tokens_per_row == 1 else rows.repeat_interleave(tokens_per_row)
         used = tuple(sorted({s for s in row_slots if s >= 0}))
+        rank = max(self.slot_rank[s] for s in used)
+        return LoraBatch(token_slots, used, rank, self.row_mask(token_slots, used, rank),
+                         tokens_per_row == 1)
+
+    def row_mask(self, token_slots: torch.Tensor, used: tuple[int, ...],
+                 rank: int) -> torch.Tensor:
+        """(N, U * rank): each token's slot scaling over its slot's block of the used slots'
+        stacked ranks, 0 elsewhere (and everywhere for a token with no adapter, -1)."""
         block = (token_slots.unsqueeze(1) == torch.tensor(used, device=self.device))  # (N, U)
         scale = self.scaling[list(used)].to(self.dtype)  # (U,)
-        rank = max(self.slot_rank[s] for s in used)
-        mask = (block.to(self.dtype) * scale).repeat_interleave(rank, dim=1)  # (N, U * rank)
-        return LoraBatch(token_slots, used, rank, mask, tokens_per_row == 1)
+        return (block.to(self.dtype) * scale).repeat_interleave(rank, dim=1)
 
     def apply(self, key: str, x: torch.Tensor, y: torch.Tensor, batch: LoraBatch) -> None:
         """y += scale * B (A x) per token; x: (N, in), y: (N, out) a view into the output."""

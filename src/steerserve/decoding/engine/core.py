@@ -56,7 +56,7 @@ class EngineConfig:
     lora_triton: bool | None = None  # None: the process's choice (kernels.dispatch)
     forward: str = "auto"  # "fused" (own forward), "hf" (the modules), or auto
     packed_weights: bool = True  # projections and LM head on oneDNN-packed copies (CPU)
-    compile_decode: bool = False  # plain decode batches as one inductor graph (minutes at start)
+    compile_decode: bool = False  # decode batches as one inductor graph (minutes at start)
     threads: int | None = None  # torch threads of the engine thread (None: torch's default)
     prefix_cache_slots: int = 0  # KV slots keeping recent prompts for reuse (0: off)
 

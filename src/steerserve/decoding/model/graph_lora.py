@@ -75,9 +75,7 @@ class GraphLora:
             return torch.zeros(graph_rows, rank, dtype=bank.dtype, device=bank.device)
         slots = torch.full((graph_rows,), -1, dtype=torch.long, device=bank.device)
         slots[:len(row_slots)] = torch.tensor(row_slots, device=bank.device)
-        block = slots.unsqueeze(1) == torch.tensor(used, device=bank.device)  # (B, U)
-        scale = bank.scaling[list(used)].to(bank.dtype)
-        return (block.to(bank.dtype) * scale).repeat_interleave(rank, dim=1)
+        return bank.row_mask(slots, used, rank)
 
     def _gathered(self, used: tuple[int, ...], rank: int) -> dict[str, torch.Tensor]:
         key = (self.bank.version, used, rank)
