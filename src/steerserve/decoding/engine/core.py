@@ -23,7 +23,6 @@ from steerserve.adapters.lora.slots import LoraSlots
 from steerserve.decoding.engine.admission import Admission, Inadmissible
 from steerserve.decoding.engine.chunking import prefill_chunk
 from steerserve.decoding.engine.compute import StepComputer
-from steerserve.decoding.engine.heap import keep_freed_memory
 from steerserve.decoding.engine.inbox import Abort, Call, Message, Submit, Wake
 from steerserve.decoding.engine.isolation import Computed, compute_isolated
 from steerserve.decoding.engine.output import EngineStats, Output, rows_of
@@ -76,7 +75,6 @@ class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None,
                  others: list[LoadedModel] | None = None) -> None:
         self.config = config or EngineConfig()
-        keep_freed_memory()  # process-wide: the steps' buffers are not faulted in again
         self.models: dict[str, HostedModel] = {}
         for index, model in enumerate([loaded, *(others or [])]):
             self.models[model.name] = self._host(model, with_lora=index == 0)
