@@ -7,6 +7,7 @@ refused with the reason."""
 from __future__ import annotations
 
 import copy
+import logging
 import shutil
 
 import pytest
@@ -57,7 +58,7 @@ def test_greedy_tokens_equal_hf_generate(engine, qwen2_reference):
     run_to_completion(engine)
     for index, prompt in enumerate(PROMPTS):
         assert collector.tokens(str(index)) == hf_greedy(qwen2_reference, prompt, 12)
-    assert compiled.steps >= 11 and not compiled.fell_back
+    assert compiled.steps >= 11 and not compiled.eager_reasons
 
 
 @needs_cxx
@@ -82,7 +83,7 @@ def test_logits_equal_the_eager_forward_at_every_batch_size(engine):
         runner.compiled = compiled
         for slot in range(len(PROMPTS)):
             runner.cache.clear(slot, max(positions) + 1)
-    assert not compiled.fell_back
+    assert not compiled.eager_reasons
 
 
 @needs_cxx
@@ -113,9 +114,12 @@ def _steering(qwen2, mode: SteerMode, scale: float) -> SteeringSpec:
 @needs_cxx
 @pytest.mark.parametrize("mode, in_graph", [(SteerMode.ADD, True), (SteerMode.ABLATE, False)],
                          ids=["added-in-the-graph", "ablated-eager"])
-def test_a_steered_row_beside_a_plain_one_gets_its_tokens_alone(engine, qwen2, mode, in_graph):
+def test_a_steered_row_beside_a_plain_one_gets_its_tokens_alone(engine, qwen2, mode, in_graph,
+                                                                caplog):
     """Added vectors ride the graph; any other edit sends its whole batch to the eager
-    forward. Either way each request's tokens are what they are alone."""
+    forward, which the log says once. Either way each request's tokens are what they are
+    alone."""
+    caplog.set_level(logging.INFO, logger="steerserve.decoding.model.compiled")
     steering = _steering(qwen2, mode, 4.0)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     alone = {}
@@ -133,6 +137,9 @@ def test_a_steered_row_beside_a_plain_one_gets_its_tokens_alone(engine, qwen2, m
     run_to_completion(engine)
     assert {name: together.tokens(name) for name in alone} == alone
     assert (compiled.steps > steps) == in_graph
+    reason = "steering edits other than added vectors"
+    assert any(reason in left for left in compiled.eager_reasons) == (not in_graph)
+    assert (reason in caplog.text) == (not in_graph)
 
 
 @needs_cxx
@@ -245,7 +252,7 @@ def test_adapter_rows_in_the_graph_match_peft_and_each_alone(lora_engine, adapte
             ("base1", LORA_PROMPTS[1], None)]
     steps = compiled.steps
     together = submit_all(engine, tokenizer, loras, plan)
-    assert compiled.steps >= steps + 7 and not compiled.fell_back
+    assert compiled.steps >= steps + 7 and not compiled.eager_reasons
     for name, _, peft_model in made:
         prompt = next(prompt for _, prompt, adapter in plan if adapter == name)
         assert together.tokens(name) == peft_greedy(peft_model, tokenizer, prompt, 8), name

@@ -116,7 +116,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                        "LoRA slots (--max-loras), whose graph takes every batch's adapters. "
                        "Decode batches run it, adapter rows, DoLa's early exits and added "
                        "steering vectors included (12-24%% faster steps on two cores); "
-                       "batches with other steering edits stay eager. Llama, Mistral and "
+                       "batches with other steering edits stay eager (logged once, with "
+                       "the reason). Llama, Mistral and "
                        "Qwen2 without sliding windows, and a C++ compiler (g++); another "
                        "packed copy of the weights in memory")
     group.add_argument("--prefix-cache-slots", type=int, default=DEFAULTS.prefix_cache_slots,

@@ -33,6 +33,8 @@ from torch.fx.experimental import _config as shape_config
 
 from steerserve.adapters.lora.bank import LoraBank
 from steerserve.adapters.steering.plan import SteeringPlan, additive_residual
+from steerserve.adapters.steering.spec import SteerTarget
+from steerserve.decoding.model.capture import Capture
 from steerserve.decoding.model.families import FAMILIES, rms_norm
 from steerserve.decoding.model.fused import (
     FusedDecoder,
@@ -191,7 +193,7 @@ class CompiledDecode:
         for cached in (*cache.keys, *cache.values):  # fixed buffers: no symbolic sizes
             torch._dynamo.mark_static(cached)
         self.compiled = torch.compile(self.graph, dynamic=True, fullgraph=True)
-        self.fell_back = False
+        self.eager_reasons: set[str] = set()  # why batches left the graph (each logged once)
         self.steps = 0  # decode forwards it ran
         self._width = decoder.embed.weight.shape[1]
         # The graph's steering input: zeros, or a batch's additive steering copied into the
@@ -266,23 +268,28 @@ class CompiledDecode:
         return self._pair[0], self._pair[1]
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, first_slot: int,
-                 kv_len: int, plan: SteeringPlan | None, lora_slots: list[int] | None = None
+                 kv_len: int, plan: SteeringPlan | None, lora_slots: list[int] | None = None,
+                 capture: Capture | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(logits, hidden, block outputs (layers + 1, B, C) with the embeddings first), or
-        None where the graph cannot take the batch: steering that is not additive, adapter
-        rows without a LoRA bank, or a batch it would need compiling again for."""
+        None where the batch runs eager: a capture of the heads' outputs, steering that is not
+        additive, adapter rows without a LoRA bank, one row with no lane slot beside it, or a
+        batch it would need compiling again for. Each reason is logged the first time."""
         rows = tokens.shape[0]
         adapted = lora_slots is not None and any(slot >= 0 for slot in lora_slots)
+        if capture is not None and capture.target != SteerTarget.RESIDUAL:
+            return self._eager("a capture of the attention heads' outputs")
         if adapted and self.lora is None:
-            return None
+            return self._eager("LoRA adapter rows (the graph was compiled without them)")
         if rows == 1:
             padded = self._padded(tokens, positions, first_slot)
             if padded is None:
-                return None
+                return self._eager("one row in the last lane slot (no slot for its dummy row)")
             tokens, positions = padded
         steering = self._additive(plan, rows, tokens.shape[0])
         if steering is None:
-            return None
+            return self._eager("steering edits other than added vectors (ablation, clamping, "
+                               "head offsets, SAE features)")
         lora = None if self.lora is None else self.lora.inputs(
             lora_slots if adapted else [], tokens.shape[0])
         try:
@@ -295,8 +302,13 @@ class CompiledDecode:
         except RuntimeError as exc:
             if not str(exc).startswith(RECOMPILE):
                 raise
-            if not self.fell_back:  # the message names the guards that failed
-                logger.warning("compiled decode: a batch it was not compiled for ran eager: "
-                               "%s", exc)
-                self.fell_back = True
-            return None
+            # the message names the guards that failed
+            return self._eager(f"a batch it was not compiled for ({exc})")
+
+    def _eager(self, reason: str) -> None:
+        """None, logging `reason` the first time a batch leaves the graph for it."""
+        if reason not in self.eager_reasons:
+            self.eager_reasons.add(reason)
+            logger.info("compiled decode: %s: the batch runs the eager forward (logged once)",
+                        reason)
+        return None

@@ -13,7 +13,6 @@ import torch
 
 from steerserve.adapters.lora.bank import LoraBank
 from steerserve.adapters.steering.plan import SteeringPlan
-from steerserve.adapters.steering.spec import SteerTarget
 from steerserve.decoding.model.capture import Capture
 from steerserve.decoding.model.compiled import CompiledDecode, not_compilable
 from steerserve.decoding.model.families import unsupported
@@ -155,10 +154,9 @@ class ModelRunner:
         """One new token per row at its own position; the index tensors are views of the
         runner's preallocated step inputs (decoding/model/step_inputs.py)."""
         rows = self.inputs.decode(first_slot, tokens, positions, lora_slots)
-        if self.compiled is not None and (capture is None
-                                          or capture.target == SteerTarget.RESIDUAL):
+        if self.compiled is not None:
             compiled = self.compiled(rows.tokens, rows.positions, first_slot, rows.kv_len,
-                                     steering, lora_slots)
+                                     steering, lora_slots, capture)
             if compiled is not None:
                 logits, hidden, blocks = compiled
                 for layer in capture.layers if capture is not None else ():
