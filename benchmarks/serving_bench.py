@@ -7,6 +7,8 @@ generated tokens/s and time to first token (p50/p90) at several concurrency leve
 streamed chat completions of a fixed length (`--max-tokens`, EOS ignored), then times a decode
 step against its arithmetic floor (benchmarks/step_floor.py). Systems run one at a time;
 every server is a subprocess on a free loopback port and is always stopped afterwards.
+`--rounds N` measures every system N times, in reversed order every other round, and reports
+each round's ratios and their median (on a shared machine one round's ratio can be noise).
 Without `--llama-server PATH`, llama-server is built once (benchmarks/llama_build.py); without
 `--vllm-python PATH`, vLLM's CPU build is installed once in its own virtualenv
 (benchmarks/vllm_env.py).
@@ -14,6 +16,7 @@ Without `--llama-server PATH`, llama-server is built once (benchmarks/llama_buil
     .venv/bin/python benchmarks/serving_bench.py            # steerserve, vLLM CPU, llama.cpp
     .venv/bin/python benchmarks/serving_bench.py --systems steerserve,llama-server,hf,\\
 transformers-serve --concurrency 1,8 --out .bench/result.json
+    .venv/bin/python benchmarks/serving_bench.py --systems steerserve,vllm --rounds 3
 
 Not a test: it takes minutes and its numbers depend on what else the machine is doing (the load
 average is recorded next to every level).
@@ -28,6 +31,7 @@ import os
 import platform
 import shlex
 import signal
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -60,6 +64,7 @@ class SystemRun:
     """Everything measured (or what went wrong) for one system."""
 
     name: str
+    round: int = 1  # with --rounds: which of them
     dtype: str = "?"
     command: str = ""
     levels: list[LevelResult] = field(default_factory=list)
@@ -166,6 +171,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--hf-all-levels",
         action="store_true",
         help="run HF generate at every level, not just 1 (its requests still go one at a time)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every system this many times, the order reversed each round (A B, B A, "
+        "...), and report each round's ratios and their median: this machine's speed drifts "
+        "by 20%% within minutes, so one round's ratio can be noise",
     )
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to get healthy")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
@@ -392,19 +405,21 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def results_table(runs: list[SystemRun]) -> str:
+def results_table(runs: list[SystemRun], rounds: int = 1) -> str:
     headers = ["system", "dtype", "concurrency", "requests", "tok/req", "gen tok/s"]
     headers += ["TTFT p50 (ms)", "TTFT p90 (ms)", "ITL p50 (ms)", "wall (s)", "notes"]
     rows = []
     for run in runs:
+        first = [str(run.round)] if rounds > 1 else []
         if run.error and not run.levels:
             reason = run.error.splitlines()[0][:80]
-            rows.append([run.name, run.dtype, *["-"] * 8, f"FAILED: {reason}"])
+            rows.append([*first, run.name, run.dtype, *["-"] * 8, f"FAILED: {reason}"])
         for lv in run.levels:
             notes = [lv.note or ""] + ([] if lv.tokens_from_usage else ["tokens counted"])
             notes += [f"errors: {'; '.join(lv.errors)}"] if lv.errors else []
             rows.append(
                 [
+                    *first,
                     run.name,
                     run.dtype,
                     str(lv.concurrency),
@@ -418,7 +433,7 @@ def results_table(runs: list[SystemRun]) -> str:
                     "; ".join(n for n in notes if n),
                 ]
             )
-    return markdown_table(headers, rows)
+    return markdown_table((["round"] if rounds > 1 else []) + headers, rows)
 
 
 def _level(runs: list[SystemRun], name: str, conc: int) -> LevelResult | None:
@@ -442,16 +457,49 @@ def compute_ratios(runs: list[SystemRun]) -> list[dict[str, Any]]:
             if theirs is None:
                 continue
             out.append({"peer": peer, "concurrency": level.concurrency,
+                        "round": ours.round,
                         "tok_s": _ratio(level.gen_tok_s, theirs.gen_tok_s),
                         "ttft_p50": _ratio(level.ttft_p50_ms, theirs.ttft_p50_ms)})
     return out
 
 
-def ratios_table(ratios: list[dict[str, Any]]) -> str:
+def median_ratios(ratios: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per peer and concurrency: the median of the rounds' ratios, and their range."""
+    grouped: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in ratios:
+        grouped.setdefault((r["peer"], r["concurrency"]), []).append(r)
+    out = []
+    for (peer, conc), group in grouped.items():
+        row: dict[str, Any] = {"peer": peer, "concurrency": conc, "rounds": len(group)}
+        for key in ("tok_s", "ttft_p50"):
+            values = [r[key] for r in group if r[key] is not None]
+            row[key] = statistics.median(values) if values else None
+            row[f"{key}_range"] = (min(values), max(values)) if values else None
+        out.append(row)
+    return out
+
+
+def median_table(summary: list[dict[str, Any]]) -> str:
+    headers = ["steerserve vs", "concurrency", "rounds", "tok/s median (range)",
+               "TTFT p50 median (range)"]
+
+    def cell(row: dict[str, Any], key: str) -> str:
+        span = row[f"{key}_range"]
+        return "-" if span is None else f"{_times(row[key])} ({span[0]:.2f}-{span[1]:.2f})"
+
+    rows = [[r["peer"], str(r["concurrency"]), str(r["rounds"]), cell(r, "tok_s"),
+             cell(r, "ttft_p50")] for r in summary]
+    return markdown_table(headers, rows)
+
+
+def ratios_table(ratios: list[dict[str, Any]], rounds: int = 1) -> str:
     headers = ["steerserve vs", "concurrency", "tok/s (higher is better)",
                "TTFT p50 (lower is better)"]
     rows = [[r["peer"] + (" (c=1)" if r["peer"] == "hf" else ""), str(r["concurrency"]),
              _times(r["tok_s"]), _times(r["ttft_p50"])] for r in ratios]
+    if rounds > 1:
+        headers.insert(0, "round")
+        rows = [[str(r["round"]), *row] for r, row in zip(ratios, rows, strict=True)]
     return markdown_table(headers, rows)
 
 
@@ -481,22 +529,27 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def print_report(runs: list[SystemRun], ratios: list[dict[str, Any]], max_tokens: int) -> None:
+def print_report(runs: list[SystemRun], ratios: list[dict[str, Any]], max_tokens: int,
+                 rounds: int = 1) -> None:
     print("\n## Results\n")
-    print(results_table(runs))
+    print(results_table(runs, rounds))
     print(f"\n{max_tokens} new tokens per request, streamed; gen tok/s = completion tokens /")
     print("wall time of the level. HF generate has no server: one request at a time.")
     print("load1m: the machine's 1-minute load average as the level ended (this benchmark")
     print(f"included) on {os.cpu_count()} CPUs; well above the CPU count = noisy numbers.")
     print("\n## Ratios\n")
-    print(ratios_table(ratios))
+    print(ratios_table(ratios, rounds))
+    if rounds > 1:
+        print(f"\n## Median of {rounds} rounds\n")
+        print(median_table(median_ratios(ratios)))
     for run in runs:
         if run.error:
             print(f"\n{run.name} FAILED: {run.error}")
 
 
 def write_json(path: Path, meta: dict[str, Any], runs: list[SystemRun], ratios: list) -> None:
-    result = {"meta": meta, "systems": [run.to_json() for run in runs], "ratios": ratios}
+    result = {"meta": meta, "systems": [run.to_json() for run in runs], "ratios": ratios,
+              "median_ratios": median_ratios(ratios)}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     log(f"wrote {path}")
@@ -529,20 +582,29 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     runs: list[SystemRun] = []
+    ratios: list[dict[str, Any]] = []
     interrupted = False
-    for name in args.systems:
-        runs.append(SystemRun(name))
-        try:
-            run_system(runs[-1], args, model)
-        except KeyboardInterrupt:
-            # Servers are already stopped by now; still report what was measured.
-            runs[-1].error = "interrupted"
-            interrupted = True
+    for number in range(1, args.rounds + 1):
+        order = args.systems if number % 2 else args.systems[::-1]
+        this_round: list[SystemRun] = []
+        for name in order:
+            if args.rounds > 1:
+                log(f"round {number} of {args.rounds}: {name}")
+            this_round.append(SystemRun(name, number))
+            try:
+                run_system(this_round[-1], args, model)
+            except KeyboardInterrupt:
+                # Servers are already stopped by now; still report what was measured.
+                this_round[-1].error = "interrupted"
+                interrupted = True
+                break
+        runs += sorted(this_round, key=lambda run: args.systems.index(run.name))
+        ratios += compute_ratios(this_round)
+        if interrupted:
             break
     meta["duration_s"] = round(time.monotonic() - started, 1)
 
-    ratios = compute_ratios(runs)
-    print_report(runs, ratios, args.max_tokens)
+    print_report(runs, ratios, args.max_tokens, args.rounds)
     if not args.no_floor and "steerserve" in args.systems and not interrupted:
         from step_floor import measure, table
 
