@@ -302,13 +302,15 @@ class CompiledDecode:
         except RuntimeError as exc:
             if not str(exc).startswith(RECOMPILE):
                 raise
-            # the message names the guards that failed
-            return self._eager(f"a batch it was not compiled for ({exc})")
+            # unexpected (the graph takes any batch it is given): a warning, with the message
+            # naming the guards that failed
+            return self._eager("a batch it was not compiled for", f": {exc}", logging.WARNING)
 
-    def _eager(self, reason: str) -> None:
-        """None, logging `reason` the first time a batch leaves the graph for it."""
+    def _eager(self, reason: str, detail: str = "", level: int = logging.INFO) -> None:
+        """None, logging `reason` the first time a batch leaves the graph for it (a fixed
+        set of reasons: the set stays small whatever the requests are)."""
         if reason not in self.eager_reasons:
             self.eager_reasons.add(reason)
-            logger.info("compiled decode: %s: the batch runs the eager forward (logged once)",
-                        reason)
+            logger.log(level, "compiled decode: %s%s: the batch runs the eager forward "
+                       "(logged once)", reason, detail)
         return None
