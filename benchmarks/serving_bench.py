@@ -182,7 +182,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to get healthy")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
+    return args
 
 
 def requests_for(concurrency: int, override: int | None) -> int:
