@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 # Weights frozen into the graph; the wrapper that calls its kernels in C++ rather than Python
 # (about 4 ms a step less on two cores, docs/benchmarks.md), compiled apart from the kernels:
-# as one translation unit it took 8 minutes a start, apart about 20 s more than without it.
+# as one translation unit it took 8 minutes a start, apart about as long as without it.
 GRAPH_CONFIG = {"freezing": True, "cpp_wrapper": True, "cpp_wrapper_build_separate": True}
 
 RECOMPILE = "Detected recompile"  # how dynamo's fail_on_recompile stance raises (RuntimeError)
