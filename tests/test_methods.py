@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from steerserve.decoding.engine.core import Engine, EngineConfig
 from steerserve.decoding.methods.base import DecodingMethod
 from steerserve.decoding.methods.contrastive import Contrastive
-from steerserve.decoding.methods.dola import DoLa, jensen_shannon
+from steerserve.decoding.methods.dola import DoLa, jensen_shannon, premature
 from steerserve.decoding.methods.logit_arithmetic import LogitArithmetic
 from steerserve.decoding.methods.plain import Plain
 from steerserve.decoding.methods.proxy_tuning import ProxyTuning
@@ -276,3 +276,21 @@ def test_jensen_shannon_is_the_definitions_with_masked_tokens():
     got = jensen_shannon(mature, candidates)
     assert torch.isfinite(got).all()
     assert torch.allclose(got.double(), expected, atol=1e-5)
+
+
+def test_premature_picks_each_rows_farthest_candidate_whatever_rows_are_beside_it():
+    """Each row's candidate of largest divergence (float64 softmaxes as the oracle), and the
+    same bits for a row computed alone as among 6 (the divergences run a row at a time)."""
+    generator = torch.Generator().manual_seed(1)
+    mature = torch.randn(6, 3000, generator=generator) * 4
+    candidates = torch.randn(6, 5, 3000, generator=generator) * 4
+    p = mature.double().softmax(-1).unsqueeze(1)
+    q = candidates.double().softmax(-1)
+    m = (p + q) / 2
+    divergence = 0.5 * ((p * (p / m).log()).sum(-1) + (q * (q / m).log()).sum(-1))  # (6, 5)
+    expected = candidates[torch.arange(6), divergence.argmax(-1)]
+    together = premature(mature, candidates)
+    assert torch.equal(together, expected)
+    for row in range(6):
+        assert torch.equal(premature(mature[row:row + 1], candidates[row:row + 1])[0],
+                           together[row])
