@@ -112,8 +112,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--compile-decode", action=argparse.BooleanOptionalAction,
                        default=DEFAULTS.compile_decode,
                        help="compile the decode forward with torch.compile (inductor, "
-                       "weights frozen, its C++ wrapper) at every start: about 110 s on two "
-                       "cores, 220-250 s with LoRA slots (--max-loras), whose graph takes "
+                       "weights frozen, its C++ wrapper) at every start: about 110-130 s on two "
+                       "cores, 220-310 s with LoRA slots (--max-loras), whose graph takes "
                        "every batch's adapters. "
                        "Decode batches run it, adapter rows, DoLa's early exits and added "
                        "steering vectors included (12-24%% faster steps on two cores); "
