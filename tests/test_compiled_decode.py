@@ -24,7 +24,9 @@ from steerserve.adapters.steering.spec import (
 )
 from steerserve.decoding.engine.core import Engine, EngineConfig
 from steerserve.decoding.methods.dola import DoLa
+from steerserve.decoding.model.attention_split import split_attention
 from steerserve.decoding.model.capture import EMBEDDINGS, Capture
+from steerserve.decoding.model.compiled import GRAPH_ALONE, LEAVE_GRAPH_KEYS, CompiledDecode
 from steerserve.decoding.model.loader import from_pretrained_objects
 from steerserve.decoding.model.runner import ModelRunner
 from steerserve.decoding.request import EngineRequest, LaneSpec
@@ -84,6 +86,49 @@ def test_logits_equal_the_eager_forward_at_every_batch_size(engine):
         for slot in range(len(PROMPTS)):
             runner.cache.clear(slot, max(positions) + 1)
     assert not compiled.eager_reasons
+
+
+@needs_cxx
+@pytest.mark.parametrize("long_lengths", [(600,), (600, 400)], ids=["one", "two"])
+def test_long_rows_attend_alone_in_the_graph_as_in_the_eager_forward(engine, long_lengths):
+    """Rows much longer than the rest attend alone over their own length, inside the graph:
+    its logits equal the eager forward's, without compiling again."""
+    runner = engine.primary.runner
+    compiled = runner.compiled
+    steps = compiled.steps
+    prompts = [[1] + [(5 * i) % 300 + 3 for i in range(length - 1)] for length in long_lengths]
+    prompts += PROMPTS[len(prompts):]
+    with torch.inference_mode():
+        first = runner.prefill(0, prompts, [False] * len(prompts))
+    tokens = [int(t) for t in first.last_logits.argmax(-1)]
+    positions = [len(p) for p in prompts]
+    try:
+        for rows in (4, 3, 4):
+            split = split_attention([p + 1 for p in positions[:rows]], GRAPH_ALONE)
+            assert [row for row, _ in split.alone] == list(range(len(long_lengths)))
+            ours = runner.decode(0, tokens[:rows], positions[:rows])
+            runner.compiled = None
+            eager = runner.decode(0, tokens[:rows], positions[:rows])  # the same cache entries
+            runner.compiled = compiled
+            torch.testing.assert_close(ours.logits, eager.logits, atol=1e-4, rtol=0)
+            tokens[:rows] = [int(t) for t in eager.logits.argmax(-1)]
+            positions[:rows] = [p + 1 for p in positions[:rows]]
+    finally:
+        runner.compiled = compiled
+        for slot in range(len(prompts)):
+            runner.cache.clear(slot, max(positions) + 1)
+    assert compiled.steps == steps + 3 and not compiled.eager_reasons
+
+
+def test_more_long_rows_than_the_graph_takes_leave_it_when_that_reads_far_fewer_keys():
+    positions = torch.tensor([2000, 2000, 2000] + [5] * 13) - 1
+    wide = split_attention([int(p) + 1 for p in positions])
+    assert len(wide.alone) == 3 and CompiledDecode._narrowed(wide, positions) is None
+    positions = torch.tensor([300, 300, 300] + [5] * 13) - 1
+    wide = split_attention([int(p) + 1 for p in positions])
+    narrowed = CompiledDecode._narrowed(wide, positions)
+    assert len(wide.alone) == 3 and narrowed is not None and len(narrowed.alone) <= GRAPH_ALONE
+    assert narrowed.keys - wide.keys < LEAVE_GRAPH_KEYS
 
 
 @needs_cxx

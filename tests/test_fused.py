@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from steerserve.decoding.model.attention_split import split_attention
 from steerserve.decoding.model.loader import from_pretrained_objects
 from steerserve.decoding.model.packed import can_pack
 from steerserve.decoding.model.runner import ModelRunner
@@ -52,6 +53,28 @@ def test_fused_logits_equal_the_modules(tokenizer, dtype, build):
             torch.testing.assert_close(single, expected.logits[:1], atol=atol, rtol=0)
             tokens = [int(t) for t in expected.logits.argmax(-1)]
             positions = [p + 1 for p in positions]
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gemma2, tiny_gemma3],
+                         ids=["llama", "gemma2", "gemma3"])
+def test_a_long_row_attends_alone_as_the_modules_attend_it(tokenizer, dtype, build):
+    """One long row among short ones attends alone, over its own length (sliding windows and
+    soft-capping included), while the short rows read a shorter shared window; the Hugging
+    Face modules read one window for all rows, masked."""
+    fused, modules = runners(build(len(tokenizer)), tokenizer, dtype)
+    long_prompt = [1] + [(7 * i) % 400 + 3 for i in range(299)]
+    prompts = [PROMPTS[1], long_prompt, PROMPTS[2], PROMPTS[0]]
+    with torch.inference_mode():
+        tokens = [int(t) for t in modules.prefill(0, prompts, [False] * 4).last_logits.argmax(-1)]
+        fused.prefill(0, prompts, [False] * 4)
+        positions = [len(p) for p in prompts]
+        for _ in range(3):
+            assert split_attention([p + 1 for p in positions]).alone == ((1, positions[1] + 1),)
+            got, expected = fused.decode(0, tokens, positions), modules.decode(0, tokens, positions)
+            torch.testing.assert_close(got.logits, expected.logits, atol=TOLERANCE[dtype], rtol=0)
+            tokens = [int(t) for t in expected.logits.argmax(-1)]
+            positions = [p + 1 for p in positions]
+
 
 def test_other_architectures_run_the_modules(tokenizer):
     loaded = from_pretrained_objects(tiny_phi3(len(tokenizer)), tokenizer, "p")

@@ -90,10 +90,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def grouped_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, additive: torch.Tensor,
-                   scale: float) -> torch.Tensor:
+def grouped_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   additive: torch.Tensor | None, scale: float) -> torch.Tensor:
     """Decode attention, one new position per row: q (B, H, 1, D), the cache's window k, v
-    (B, KV, K, D), additive (B KV, H / KV, K) 0 / -inf -> (B, H, 1, D). The heads that share
+    (B, KV, K, D), additive (B KV, H / KV, K) 0 / -inf, or None where every key is seen ->
+    (B, H, 1, D). The heads that share
     a KV head attend as one batched matmul, with no repeated keys; scale and mask in one
     baddbmm, the softmax upcasting itself (a step 1-6% faster than masking per layer,
     benchmarks/decode_attention.py). bf16/fp16 batches copy the window first (see
@@ -109,7 +110,10 @@ def grouped_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, additive: 
     # a slice of the slot cache's rows: slots and heads still fold into one dimension
     k, v = k.reshape(rows, keys, dim), v.reshape(rows, keys, dim)
     grouped = q.reshape(rows, heads // kv_heads, dim)
-    scores = torch.baddbmm(additive, grouped, k.transpose(1, 2), alpha=scale)
+    if additive is None:
+        scores = torch.bmm(grouped, k.transpose(1, 2)) * scale
+    else:
+        scores = torch.baddbmm(additive, grouped, k.transpose(1, 2), alpha=scale)
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
     return torch.bmm(weights, v).view(batch, heads, 1, dim)
 
@@ -141,13 +145,17 @@ class FusedDecoder:
         hook_points.embeddings(capture, x)
         rotations = {table: self.rotation(x, position_ids, table)
                      for table in {layer.rotary for layer in self.layers}}
+        sizes = {layer.window for layer in self.layers}
         masks = {size: self._masks(mask if size is None else
                                    sliding_mask(mask, position_ids, size), x.dtype)
-                 for size in {layer.window for layer in self.layers}}
+                 for size in sizes}
+        alone = window.alone if window is not None else ()
+        alone_masks = {size: self._alone_masks(position_ids, alone, size, x.dtype)
+                       for size in sizes}
         lora = self.lora_bank.active if self.lora_bank is not None else None
         for layer in self.layers:
             x = x + self._attention(layer, x, rotations[layer.rotary], masks[layer.window],
-                                    window, steering, capture, lora)
+                                    alone_masks[layer.window], window, steering, capture, lora)
             x = x + self._mlp(layer, x, lora)
             hook_points.block_output(steering, capture, layer.index, x)
         return self.norm(x)
@@ -164,6 +172,18 @@ class FusedDecoder:
         additive = additive.masked_fill(~mask, float("-inf"))  # (B, 1, 1, K)
         additive = additive.expand(batch, self.kv_heads, group, keys)
         return AttentionMasks(mask, additive.reshape(batch * self.kv_heads, group, keys))
+
+    def _alone_masks(self, position_ids: torch.Tensor, alone: tuple[tuple[int, int], ...],
+                     size: int | None, dtype: torch.dtype) -> tuple[AttentionMasks, ...]:
+        """The masks of each row that attends alone, as if it were decoded by itself: every
+        key up to its length, narrowed where layers slide."""
+        masks = []
+        for row, length in alone:
+            mask = torch.ones(1, 1, 1, length, dtype=torch.bool, device=position_ids.device)
+            if size is not None:
+                mask = sliding_mask(mask, position_ids[row:row + 1], size)
+            masks.append(self._masks(mask, dtype))
+        return tuple(masks)
 
     def rotation(self, x: torch.Tensor, position_ids: torch.Tensor,
                   table: str | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,8 +220,8 @@ class FusedDecoder:
         self.lora_bank.apply_fused(keys, widths, x.reshape(-1, x.shape[-1]),
                                    y.view(-1, y.shape[-1]), lora)
 
-    def _attention(self, layer: FusedLayer, x, rotation, mask, window, steering, capture,
-                   lora):
+    def _attention(self, layer: FusedLayer, x, rotation, mask, alone_masks, window, steering,
+                   capture, lora):
         batch, length, _ = x.shape
         h = self.rms_norm(x, layer.attention_norm, self.eps)
         qkv = layer.qkv(h)  # (B, T, Q + 2 KV)
@@ -222,16 +242,13 @@ class FusedDecoder:
         q, k = qk[:, :, :self.heads].transpose(1, 2), qk[:, :, self.heads:].transpose(1, 2)
         v = v.reshape(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
         if window is not None:
-            k, v = window.update(k, v, layer.index)  # (B, KV, L, D) up to the batch's length
-        if layer.softcap is None and mask.additive is not None:
-            out = self._grouped_decode(layer, q, k, v, mask.additive)
-        elif layer.softcap is not None or (length == 1 and batch > 1
-                                           and q.dtype != torch.float32):
-            out = self._grouped_attention(layer, q, k, v, mask.boolean)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.boolean,
-                                                 scale=layer.scale,
-                                                 enable_gqa=self.heads != self.kv_heads)
+            k, v = window.update(k, v, layer.index)  # (B, KV, L, D) up to the shared length
+        out = self._attend(layer, q, k, v, mask)
+        for (row, key_length), row_mask in zip(window.alone if window is not None else (),
+                                                alone_masks, strict=True):
+            row_keys, row_values = window.row_alone(layer.index, row, key_length)
+            out[row:row + 1] = self._attend(layer, q[row:row + 1], row_keys, row_values,
+                                            row_mask)
         out = out.transpose(1, 2).reshape(batch, length, q_width)  # (B, T, NH * D)
         hook_points.heads_output(steering, capture, layer.index, out)
         o = layer.o(out)
@@ -239,6 +256,19 @@ class FusedDecoder:
         if layer.attention_out_norm is not None:
             o = self.rms_norm(o, layer.attention_out_norm, self.eps)
         return o
+
+    def _attend(self, layer: FusedLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: AttentionMasks) -> torch.Tensor:
+        """(B, H, T, D) queries over (B, KV, K, D) keys and values -> (B, H, T, D)."""
+        batch, _, length, _ = q.shape
+        if layer.softcap is None and mask.additive is not None:
+            return self._grouped_decode(layer, q, k, v, mask.additive)
+        if layer.softcap is not None or (length == 1 and batch > 1
+                                         and q.dtype != torch.float32):
+            return self._grouped_attention(layer, q, k, v, mask.boolean)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.boolean,
+                                              scale=layer.scale,
+                                              enable_gqa=self.heads != self.kv_heads)
 
     def _grouped_attention(self, layer: FusedLayer, q: torch.Tensor, k: torch.Tensor,
                            v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -65,11 +65,12 @@ class SlotKVCache:
                            start + length)
 
     def for_decode(self, slots: torch.Tensor, first_slot: int, positions: torch.Tensor,
-                   kv_len: int) -> CacheWindow:
+                   kv_len: int, alone: tuple[tuple[int, int], ...] = ()) -> CacheWindow:
         """Each row (slots: first_slot, first_slot + 1, ...) writes one token at its own
-        position; reads 0..kv_len-1 (masked per row)."""
+        position; reads 0..kv_len-1 (masked per row), and the rows in `alone` (row, key
+        length) each their own length too (model/attention_split.py)."""
         rows = slice(first_slot, first_slot + positions.shape[0])
-        return CacheWindow(self, rows, None, positions, kv_len, row_index=slots)
+        return CacheWindow(self, rows, None, positions, kv_len, row_index=slots, alone=alone)
 
     def for_rows_at(self, first_slot: int, grid: torch.Tensor, kv_len: int) -> CacheWindow:
         """Row r writes its T tokens at positions grid[r] (a prefill after a reused prefix:
@@ -106,13 +107,15 @@ class CacheWindow:
 
     def __init__(self, cache: SlotKVCache, rows: slice, start: int | None,
                  positions: torch.Tensor | None, kv_len: int,
-                 grid: torch.Tensor | None = None, row_index: torch.Tensor | None = None) -> None:
+                 grid: torch.Tensor | None = None, row_index: torch.Tensor | None = None,
+                 alone: tuple[tuple[int, int], ...] = ()) -> None:
         self.cache = cache
         self.rows = rows
         self.start = start
         self.positions = positions
         self.grid = grid  # (B, T) positions of every written token, when rows start apart
         self.kv_len = kv_len
+        self.alone = alone  # (row, key length): decode rows that attend by themselves
         indexed = positions if positions is not None else grid
         if row_index is not None:
             self._row_index = row_index
@@ -133,6 +136,14 @@ class CacheWindow:
             keys[self._row_index, :, self.positions] = key[:, :, 0]
             values[self._row_index, :, self.positions] = value[:, :, 0]
         return keys[self.rows, :, : self.kv_len], values[self.rows, :, : self.kv_len]
+
+    def row_alone(self, layer_idx: int, row: int, length: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One row's keys and values over its own length, (1, kv_heads, length, head_dim)
+        views, after `update` has written this step's."""
+        slot = self.rows.start + row
+        return (self.cache.keys[layer_idx][slot:slot + 1, :, :length],
+                self.cache.values[layer_idx][slot:slot + 1, :, :length])
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.kv_len

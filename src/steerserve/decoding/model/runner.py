@@ -13,6 +13,7 @@ import torch
 
 from steerserve.adapters.lora.bank import LoraBank
 from steerserve.adapters.steering.plan import SteeringPlan
+from steerserve.decoding.model.attention_split import AttentionSplit, split_attention
 from steerserve.decoding.model.capture import Capture
 from steerserve.decoding.model.compiled import CompiledDecode, not_compilable
 from steerserve.decoding.model.families import unsupported
@@ -154,19 +155,28 @@ class ModelRunner:
         """One new token per row at its own position; the index tensors are views of the
         runner's preallocated step inputs (decoding/model/step_inputs.py)."""
         rows = self.inputs.decode(first_slot, tokens, positions, lora_slots)
+        split = self._split(positions, rows.kv_len)
         if self.compiled is not None:
-            compiled = self.compiled(rows.tokens, rows.positions, first_slot, rows.kv_len,
+            compiled = self.compiled(rows.tokens, rows.positions, first_slot, split,
                                      steering, lora_slots, capture)
             if compiled is not None:
                 logits, hidden, blocks = compiled
                 for layer in capture.layers if capture is not None else ():
                     capture.read(layer, blocks[layer + 1].unsqueeze(1))  # EMBEDDINGS is -1
                 return DecodeResult(logits, hidden)
-        window = self.cache.for_decode(rows.slots, first_slot, rows.positions, rows.kv_len)
+        window = self.cache.for_decode(rows.slots, first_slot, rows.positions, split.shared_len,
+                                       split.alone)
         hidden = self._run(rows.tokens.unsqueeze(1), rows.positions.unsqueeze(1),
-                           decode_mask(rows.positions, rows.kv_len), window, lora_slots,
+                           decode_mask(rows.positions, split.shared_len), window, lora_slots,
                            steering, capture, rows.adapters)
         return DecodeResult(self.logits(hidden[:, 0]), hidden[:, 0])
+
+    def _split(self, positions: list[int], kv_len: int) -> AttentionSplit:
+        """Which rows attend alone: up to MAX_ALONE in our own forward (the compiled graph
+        narrows it), none in the Hugging Face modules."""
+        if self.forward_kind != "fused":
+            return AttentionSplit(kv_len)
+        return split_attention([position + 1 for position in positions])
 
     @torch.inference_mode()
     def prefill(self, first_slot: int, prompts: list[list[int]], want_prompt_logits: list[bool],
