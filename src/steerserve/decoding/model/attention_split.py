@@ -7,6 +7,8 @@ keys, docs/benchmarks.md). So the batch reads together up to the length that lea
 fewest keys to read, and its few longer rows each attend alone, over their own length, as if
 decoded by themselves. How many may (MAX_ALONE) is fixed, so a step's work never grows with
 what requests send, and a row alone costs a few more small ops a layer (ALONE_COST, in keys).
+The compiled decode graph reads one window; a batch whose split saves enough leaves it
+(model/compiled.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class AttentionSplit:
     shared_len: int  # keys every row reads in the batched attention
     alone: tuple[tuple[int, int], ...] = ()  # (row, its key length) attending by itself
     keys: int = 0  # what it reads: rows x shared_len, plus each row alone's length + ALONE_COST
+    saved: int = 0  # keys fewer than one window over the longest row reads for every row
 
 
 def split_attention(key_lengths: list[int], most: int = MAX_ALONE) -> AttentionSplit:
@@ -37,4 +40,5 @@ def split_attention(key_lengths: list[int], most: int = MAX_ALONE) -> AttentionS
         if cost < best_cost:
             best_alone, best_cost = count, cost
     alone = tuple((row, key_lengths[row]) for row in sorted(order[:best_alone]))
-    return AttentionSplit(key_lengths[order[best_alone]], alone, best_cost)
+    return AttentionSplit(key_lengths[order[best_alone]], alone, best_cost,
+                          batch * key_lengths[order[0]] - best_cost)

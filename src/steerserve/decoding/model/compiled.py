@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +34,7 @@ from torch.fx.experimental import _config as shape_config
 from steerserve.adapters.lora.bank import LoraBank
 from steerserve.adapters.steering.plan import SteeringPlan, additive_residual
 from steerserve.adapters.steering.spec import SteerTarget
-from steerserve.decoding.model.attention_split import AttentionSplit, split_attention
+from steerserve.decoding.model.attention_split import AttentionSplit
 from steerserve.decoding.model.capture import Capture
 from steerserve.decoding.model.families import FAMILIES, rms_norm
 from steerserve.decoding.model.fused import (
@@ -53,6 +52,14 @@ logger = logging.getLogger(__name__)
 # (about 4 ms a step less on two cores, docs/benchmarks.md), compiled apart from the kernels:
 # as one translation unit it took 8 minutes a start, apart about as long as without it.
 GRAPH_CONFIG = {"freezing": True, "cpp_wrapper": True, "cpp_wrapper_build_separate": True}
+
+# A batch leaves the graph, which reads one window over its longest row, for the eager
+# forward, which attends its few much longer rows alone (model/attention_split.py), where
+# that reads this many fewer keys: about 50 ms of attention on two cores, more than the
+# graph saves a 64-row step (docs/benchmarks.md). Taking those rows alone inside the graph
+# as well cost every step: a fixed two rows alone compiled in twice the time (255 s against
+# 134) and stepped 20% slower at one row.
+LEAVE_GRAPH_KEYS = 8192
 
 RECOMPILE = "Detected recompile"  # how dynamo's fail_on_recompile stance raises (RuntimeError)
 
@@ -99,22 +106,6 @@ class _LayerLora:
                      getattr(self.lora, f"b_{projection}")[self.index], self.lora.mask)
 
 
-GRAPH_ALONE = 2  # rows of a batch the graph attends alone (each one a few kernels a layer)
-# A batch leaves the graph when the eager forward, which takes more rows alone, would read
-# this many fewer keys: about 50 ms of attention on two cores, more than the graph saves
-# a step (docs/benchmarks.md).
-LEAVE_GRAPH_KEYS = 8192
-
-
-class AloneRows(NamedTuple):
-    """The rows that attend alone (model/attention_split.py), as the graph takes them: always
-    GRAPH_ALONE of them, unused ones reading 3 keys of the first row's slot for nothing."""
-
-    rows: torch.Tensor  # (GRAPH_ALONE,) int64: which batch rows
-    lengths: list[int]  # each one's key length
-    source: torch.Tensor  # (B,) int64: row b's attention output: b, or B + i for alone row i
-
-
 class DecodeGraph(torch.nn.Module):
     """(B,) tokens at (B,) positions in slots first_slot.., (layers, B, C) fp32 added to the
     block outputs, the batch's adapters (or None: a server without LoRA) -> (B, V) fp32
@@ -140,9 +131,8 @@ class DecodeGraph(torch.nn.Module):
                              persistent=False)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, first_slot: int,
-                kv_len: int, alone: AloneRows, steering: torch.Tensor,
-                keys: list[torch.Tensor], values: list[torch.Tensor],
-                lora: LoraInputs | None = None
+                kv_len: int, steering: torch.Tensor, keys: list[torch.Tensor],
+                values: list[torch.Tensor], lora: LoraInputs | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch = tokens.shape[0]
         x = F.embedding(tokens, self.embed)  # (B, C)
@@ -159,8 +149,7 @@ class DecodeGraph(torch.nn.Module):
                 zip(self.layers, keys, values, strict=True)):
             adapters = None if lora is None else _LayerLora(lora, index)
             x = x + self._attention(layer, x, cos, sin, additive, slots, positions,
-                                    cached_keys, cached_values, first_slot, kv_len, alone,
-                                    adapters)
+                                    cached_keys, cached_values, first_slot, kv_len, adapters)
             x = x + self._mlp(layer, x, adapters)
             # the steering kernels' ADD: in fp32, and never inf or NaN (edits.keep_finite)
             x = torch.nan_to_num(x.float() + steering[index], nan=0.0).to(x.dtype)
@@ -171,7 +160,7 @@ class DecodeGraph(torch.nn.Module):
 
     def _attention(self, layer: _Layer, x, cos, sin, additive, slots, positions,
                    cached_keys, cached_values, first_slot: int, kv_len: int,
-                   alone: AloneRows, adapters: _LayerLora | None) -> torch.Tensor:
+                   adapters: _LayerLora | None) -> torch.Tensor:
         batch = x.shape[0]
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         h = rms_norm(x, layer.attention_norm, self.eps)
@@ -184,19 +173,11 @@ class DecodeGraph(torch.nn.Module):
         q, k = qk[:, :heads], qk[:, heads:]
         cached_keys[slots, :, positions] = k
         cached_values[slots, :, positions] = v
-        shared = grouped_decode(q.unsqueeze(2),
-                                cached_keys.narrow(0, first_slot, batch)[:, :, :kv_len],
-                                cached_values.narrow(0, first_slot, batch)[:, :, :kv_len],
-                                additive, layer.scale)  # (B, H, 1, D)
-        outs = [shared.reshape(batch, heads * dim)]
-        for index, length in enumerate(alone.lengths):
-            row = alone.rows[index:index + 1]
-            slot = slots.index_select(0, row)
-            outs.append(grouped_decode(q.index_select(0, row).unsqueeze(2),
-                                       cached_keys[:, :, :length].index_select(0, slot),
-                                       cached_values[:, :, :length].index_select(0, slot),
-                                       None, layer.scale).reshape(1, heads * dim))
-        out = torch.cat(outs).index_select(0, alone.source)
+        out = grouped_decode(q.unsqueeze(2),
+                             cached_keys.narrow(0, first_slot, batch)[:, :, :kv_len],
+                             cached_values.narrow(0, first_slot, batch)[:, :, :kv_len],
+                             additive, layer.scale)  # (B, H, 1, D)
+        out = out.reshape(batch, heads * dim)
         o = F.linear(out, layer.o, layer.o_bias)
         return o if adapters is None else o + adapters(out, "o")
 
@@ -236,9 +217,6 @@ class CompiledDecode:
         self._steered = torch.zeros(size, device=self.graph.embed.device)
         self._steering: tuple[SteeringPlan | None, torch.Tensor | None] = (None, None)
         self._pair = torch.zeros(2, 2, dtype=torch.long, device=self.graph.embed.device)
-        self._alone_rows = torch.zeros(GRAPH_ALONE, dtype=torch.long,
-                                       device=self.graph.embed.device)
-        self._source = torch.arange(lane_slots, device=self.graph.embed.device)
 
     def warm_up(self) -> None:
         """Compile (minutes on two cores, at every start: inductor does not cache graphs
@@ -258,8 +236,8 @@ class CompiledDecode:
               shape_config.patch(use_duck_shape=False)):
             # made in inference mode, as the runner's decode makes them
             lora = None if self.lora is None else self.lora.inputs([], 2)
-            self.compiled(tokens, positions, 0, 3, self._alone(AttentionSplit(3), 2),
-                          self._unsteered(2), self.cache.keys, self.cache.values, lora)
+            self.compiled(tokens, positions, 0, 3, self._unsteered(2), self.cache.keys,
+                          self.cache.values, lora)
         logger.info("compiled in %.0f s", time.perf_counter() - started)
         for slot in (0, 1):
             self.cache.clear(slot, 3)
@@ -288,27 +266,6 @@ class CompiledDecode:
             self._steering = (plan, offsets)
         return self._steering[1]
 
-    @staticmethod
-    def _narrowed(split: AttentionSplit, positions: torch.Tensor) -> AttentionSplit | None:
-        """The eager forward's split with at most GRAPH_ALONE rows alone; None where it
-        would read LEAVE_GRAPH_KEYS more keys than the eager forward."""
-        if len(split.alone) <= GRAPH_ALONE:
-            return split
-        narrowed = split_attention([int(p) + 1 for p in positions.tolist()], GRAPH_ALONE)
-        return narrowed if narrowed.keys - split.keys < LEAVE_GRAPH_KEYS else None
-
-    def _alone(self, split: AttentionSplit, graph_rows: int) -> AloneRows:
-        """The split's rows alone (at most GRAPH_ALONE) as the graph's inputs."""
-        source = self._source[:graph_rows]
-        source.copy_(self.graph.key_positions[:graph_rows])
-        self._alone_rows.zero_()
-        lengths = [3] * GRAPH_ALONE
-        for index, (row, length) in enumerate(split.alone):
-            self._alone_rows[index] = row
-            lengths[index] = length
-            source[row] = graph_rows + index
-        return AloneRows(self._alone_rows, lengths, source)
-
     def _padded(self, tokens: torch.Tensor, positions: torch.Tensor, first_slot: int
                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """One row as two: the second feeds the same token at the last position of the next
@@ -325,20 +282,18 @@ class CompiledDecode:
         return self._pair[0], self._pair[1]
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, first_slot: int,
-                 split: AttentionSplit, plan: SteeringPlan | None,
+                 kv_len: int, split: AttentionSplit, plan: SteeringPlan | None,
                  lora_slots: list[int] | None = None, capture: Capture | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """`split`: the eager forward's, which the graph narrows to GRAPH_ALONE rows alone.
-        (logits, hidden, block outputs (layers + 1, B, C) with the embeddings first), or
-        None where the batch runs eager: a capture of the heads' outputs, steering that is not
-        additive, adapter rows without a LoRA bank, one row with no lane slot beside it, more
-        long rows than it attends alone, or a batch it would need compiling again for. Each
-        reason is logged the first time."""
+        """(logits, hidden, block outputs (layers + 1, B, C) with the embeddings first), or
+        None where the batch runs eager: rows much longer than the rest (`split`, the eager
+        forward's), a capture of the heads' outputs, steering that is not additive, adapter
+        rows without a LoRA bank, one row with no lane slot beside it, or a batch it would
+        need compiling again for. Each reason is logged the first time."""
         rows = tokens.shape[0]
-        split = self._narrowed(split, positions)
-        if split is None:
-            return self._eager(f"more than {GRAPH_ALONE} rows much longer than the rest (the "
-                               "eager forward attends more of them alone)")
+        if split.saved >= LEAVE_GRAPH_KEYS:
+            return self._eager("rows much longer than the rest (the eager forward attends "
+                               "them alone)")
         adapted = lora_slots is not None and any(slot >= 0 for slot in lora_slots)
         if capture is not None and capture.target != SteerTarget.RESIDUAL:
             return self._eager("a capture of the attention heads' outputs")
@@ -357,10 +312,9 @@ class CompiledDecode:
             lora_slots if adapted else [], tokens.shape[0])
         try:
             with torch.compiler.set_stance("fail_on_recompile"):
-                logits, hidden, blocks = self.compiled(
-                    tokens, positions, first_slot, split.shared_len,
-                    self._alone(split, tokens.shape[0]), steering, self.cache.keys,
-                    self.cache.values, lora)
+                logits, hidden, blocks = self.compiled(tokens, positions, first_slot, kv_len,
+                                                       steering, self.cache.keys,
+                                                       self.cache.values, lora)
             self.steps += 1
             return logits[:rows], hidden[:rows], blocks[:, :rows]
         except RuntimeError as exc:

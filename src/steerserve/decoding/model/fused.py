@@ -90,11 +90,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def grouped_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   additive: torch.Tensor | None, scale: float) -> torch.Tensor:
+def grouped_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, additive: torch.Tensor,
+                   scale: float) -> torch.Tensor:
     """Decode attention, one new position per row: q (B, H, 1, D), the cache's window k, v
-    (B, KV, K, D), additive (B KV, H / KV, K) 0 / -inf, or None where every key is seen ->
-    (B, H, 1, D). The heads that share
+    (B, KV, K, D), additive (B KV, H / KV, K) 0 / -inf -> (B, H, 1, D). The heads that share
     a KV head attend as one batched matmul, with no repeated keys; scale and mask in one
     baddbmm, the softmax upcasting itself (a step 1-6% faster than masking per layer,
     benchmarks/decode_attention.py). bf16/fp16 batches copy the window first (see
@@ -110,10 +109,7 @@ def grouped_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # a slice of the slot cache's rows: slots and heads still fold into one dimension
     k, v = k.reshape(rows, keys, dim), v.reshape(rows, keys, dim)
     grouped = q.reshape(rows, heads // kv_heads, dim)
-    if additive is None:
-        scores = torch.bmm(grouped, k.transpose(1, 2)) * scale
-    else:
-        scores = torch.baddbmm(additive, grouped, k.transpose(1, 2), alpha=scale)
+    scores = torch.baddbmm(additive, grouped, k.transpose(1, 2), alpha=scale)
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
     return torch.bmm(weights, v).view(batch, heads, 1, dim)
 

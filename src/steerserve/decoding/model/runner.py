@@ -157,8 +157,8 @@ class ModelRunner:
         rows = self.inputs.decode(first_slot, tokens, positions, lora_slots)
         split = self._split(positions, rows.kv_len)
         if self.compiled is not None:
-            compiled = self.compiled(rows.tokens, rows.positions, first_slot, split,
-                                     steering, lora_slots, capture)
+            compiled = self.compiled(rows.tokens, rows.positions, first_slot, rows.kv_len,
+                                     split, steering, lora_slots, capture)
             if compiled is not None:
                 logits, hidden, blocks = compiled
                 for layer in capture.layers if capture is not None else ():
@@ -172,8 +172,9 @@ class ModelRunner:
         return DecodeResult(self.logits(hidden[:, 0]), hidden[:, 0])
 
     def _split(self, positions: list[int], kv_len: int) -> AttentionSplit:
-        """Which rows attend alone: up to MAX_ALONE in our own forward (the compiled graph
-        narrows it), none in the Hugging Face modules."""
+        """Which rows attend alone: a few in our own forward, none in the Hugging Face
+        modules (the compiled graph reads one window, or leaves a batch to the eager
+        forward)."""
         if self.forward_kind != "fused":
             return AttentionSplit(kv_len)
         return split_attention([position + 1 for position in positions])
