@@ -39,6 +39,25 @@ PROMPTS: tuple[str, ...] = (
 )
 
 
+def with_long_prompt(prompts: Sequence[str], tokens: int, documents: int = 4) -> tuple[str, ...]:
+    """`prompts` `documents` times over, the first of each copy made a long document of about
+    `tokens` tokens (the prompts' text, numbered, as reader questions, each document starting
+    at another one, so no two share a prefix beyond their first line) and a question about
+    it: one request in len(prompts) carries a long context, as in a chat server's real mix."""
+    if tokens <= 0:
+        return tuple(prompts)
+    mixed: list[str] = []
+    for document in range(documents):
+        lines, index = [], 0
+        while sum(len(line) for line in lines) < tokens * 4:  # about 4 characters a token
+            lines.append(f"{index + 1}. {prompts[(index + document) % len(prompts)]}")
+            index += 1
+        mixed.append("Readers sent these questions:\n" + "\n".join(lines)
+                     + "\nWhich three are the most alike, and why?")
+        mixed.extend(prompts[1:])
+    return tuple(mixed)
+
+
 @dataclass
 class RequestResult:
     """Outcome of one streamed request."""

@@ -49,6 +49,7 @@ from bench_client import (  # noqa: E402
     make_client,
     run_level,
     stream_chat,
+    with_long_prompt,
 )
 from bench_servers import ManagedServer, free_port, log  # noqa: E402
 
@@ -179,6 +180,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="measure every system this many times, the order reversed each round (A B, B A, "
         "...), and report each round's ratios and their median: this machine's speed drifts "
         "by 20%% within minutes, so one round's ratio can be noise",
+    )
+    p.add_argument(
+        "--long-prompt-tokens",
+        type=int,
+        default=0,
+        help="make one prompt in 16 a long document of about this many tokens, four "
+        "different ones (0: none): long rows beside short ones in every batch",
     )
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to get healthy")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
@@ -324,7 +332,8 @@ def bench_server(plan: ServerPlan, args: argparse.Namespace, run: SystemRun) -> 
         for conc in args.concurrency:
             n = requests_for(conc, args.requests_per_level)
             log(f"{plan.name}: concurrency {conc}, {n} requests x {args.max_tokens} tokens")
-            level = asyncio.run(run_level(url, make_body, conc, n, args.request_timeout))
+            level = asyncio.run(run_level(url, make_body, conc, n, args.request_timeout,
+                                          with_long_prompt(PROMPTS, args.long_prompt_tokens)))
             level.note = _load_note(level.note)
             run.levels.append(level)
             log(f"{plan.name}: c={conc}: {describe(level)}")
@@ -353,7 +362,8 @@ def bench_hf(args: argparse.Namespace, hf_dir: Path, run: SystemRun) -> None:
         for conc in levels:
             n = requests_for(conc, args.requests_per_level)
             log(f"hf: 'concurrency' {conc}: {n} requests one after another")
-            level = hf.run_level(PROMPTS, n, args.max_tokens, conc)
+            level = hf.run_level(with_long_prompt(PROMPTS, args.long_prompt_tokens), n,
+                                 args.max_tokens, conc)
             level.note = _load_note(level.note)
             run.levels.append(level)
             log(f"hf: c={conc}: {describe(level)}")

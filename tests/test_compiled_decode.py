@@ -26,7 +26,7 @@ from steerserve.decoding.engine.core import Engine, EngineConfig
 from steerserve.decoding.methods.dola import DoLa
 from steerserve.decoding.model.attention_split import split_attention
 from steerserve.decoding.model.capture import EMBEDDINGS, Capture
-from steerserve.decoding.model.compiled import LEAVE_GRAPH_KEYS
+from steerserve.decoding.model.compiled import keys_worth_leaving
 from steerserve.decoding.model.loader import from_pretrained_objects
 from steerserve.decoding.model.runner import ModelRunner
 from steerserve.decoding.request import EngineRequest, LaneSpec
@@ -94,8 +94,9 @@ def test_logits_equal_the_eager_forward_at_every_batch_size(engine):
 def test_a_long_row_leaves_the_graph_only_where_attending_alone_saves_enough(
         engine, caplog, long_length, in_graph):
     """The graph reads one window over the batch's longest row; a batch whose long rows
-    alone would save LEAVE_GRAPH_KEYS runs eager, which attends them alone. Either way its
-    logits are the eager forward's with one shared window, to float rounding."""
+    alone would save enough keys (`keys_worth_leaving`) runs eager, which attends them
+    alone. Either way its logits are the eager forward's with one shared window, to float
+    rounding."""
     caplog.set_level(logging.INFO, logger="steerserve.decoding.model.compiled")
     runner = engine.primary.runner
     compiled = runner.compiled
@@ -107,7 +108,7 @@ def test_a_long_row_leaves_the_graph_only_where_attending_alone_saves_enough(
     steps = compiled.steps
     try:
         saved = split_attention([p + 1 for p in positions]).saved
-        assert (saved < LEAVE_GRAPH_KEYS) == in_graph
+        assert (saved < keys_worth_leaving(len(prompts))) == in_graph
         ours = runner.decode(0, tokens, positions)
         # eager, no row alone (the split the modules get): the same cache entries again
         runner.compiled, runner.forward_kind = None, "hf"

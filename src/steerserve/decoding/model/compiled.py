@@ -53,13 +53,16 @@ logger = logging.getLogger(__name__)
 # as one translation unit it took 8 minutes a start, apart about as long as without it.
 GRAPH_CONFIG = {"freezing": True, "cpp_wrapper": True, "cpp_wrapper_build_separate": True}
 
-# A batch leaves the graph, which reads one window over its longest row, for the eager
-# forward, which attends its few much longer rows alone (model/attention_split.py), where
-# that reads this many fewer keys: about 50 ms of attention on two cores, more than the
-# graph saves a 64-row step (docs/benchmarks.md). Taking those rows alone inside the graph
-# as well cost every step: a fixed two rows alone compiled in twice the time (255 s against
-# 134) and stepped 20% slower at one row.
-LEAVE_GRAPH_KEYS = 8192
+# Taking a batch's few long rows alone inside the graph as well (model/attention_split.py)
+# cost every step: a fixed two rows alone compiled in twice the time (255 s against 134)
+# and stepped 20% slower at one row. So the graph reads one window over its longest row, and
+# a batch leaves it for the eager forward, which attends those rows alone, where that reads
+# enough fewer keys to pay for the eager step: 26 / 33 / 42 / 86 ms slower than the graph at
+# 8 / 16 / 32 / 64 rows, against about 6.4 us a key row (30 layers) on two cores
+# (docs/benchmarks.md).
+def keys_worth_leaving(rows: int) -> int:
+    return 4096 + 128 * rows
+
 
 RECOMPILE = "Detected recompile"  # how dynamo's fail_on_recompile stance raises (RuntimeError)
 
@@ -291,7 +294,7 @@ class CompiledDecode:
         rows without a LoRA bank, one row with no lane slot beside it, or a batch it would
         need compiling again for. Each reason is logged the first time."""
         rows = tokens.shape[0]
-        if split.saved >= LEAVE_GRAPH_KEYS:
+        if split.saved >= keys_worth_leaving(rows):
             return self._eager("rows much longer than the rest (the eager forward attends "
                                "them alone)")
         adapted = lora_slots is not None and any(slot >= 0 for slot in lora_slots)
