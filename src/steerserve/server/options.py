@@ -102,8 +102,10 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--forward", default=DEFAULTS.forward, choices=["auto", "fused", "hf"],
                        help="the model's forward: 'fused' is steerserve's own for Llama, Mistral, "
                        "Qwen2/3 and Gemma 1/2/3 (fused QKV and gate/up weights, SDPA over the "
-                       "slot cache), 'hf' the Hugging Face modules (any other decoder, "
-                       "slower); auto = fused where the architecture allows")
+                       "slot cache; in a decode step up to 8 rows much longer than the rest "
+                       "attend alone over their own length), 'hf' the Hugging Face modules "
+                       "(any other decoder, slower); auto = fused where the architecture "
+                       "allows")
     group.add_argument("--packed-weights", action=argparse.BooleanOptionalAction,
                        default=DEFAULTS.packed_weights,
                        help="run the projections and the LM head on copies of their weights "
@@ -118,7 +120,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                        "Decode batches run it, adapter rows, DoLa's early exits and added "
                        "steering vectors included (12-24%% faster steps on two cores); "
                        "batches with other steering edits stay eager (logged once, with "
-                       "the reason). Llama, Mistral and "
+                       "the reason), and so do batches whose few long rows, read alone, save "
+                       "more keys than the eager step costs. Llama, Mistral and "
                        "Qwen2 without sliding windows, and a C++ compiler (g++); another "
                        "packed copy of the weights in memory")
     group.add_argument("--prefix-cache-slots", type=int, default=DEFAULTS.prefix_cache_slots,
