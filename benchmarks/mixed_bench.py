@@ -42,7 +42,7 @@ def mixed_extra(i: int, vectors: int, kinds: tuple[str, ...]) -> dict:
     if kind == "steered":
         return {"steering": [{"vector": f"v{i % vectors}", "scale": 1.0}]}
     if kind == "adapter":
-        return {"model": f"a{i % ADAPTERS}"}
+        return {"model": f"a{(i // 6) % ADAPTERS}"}  # every sixth request: i % 6 == 4
     return {"decoding": {"method": "dola"}}
 
 
@@ -58,6 +58,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / ".bench" / "mixed.json")
     parser.add_argument("--steerserve-args", default="",
                         help="extra server flags, e.g. --steerserve-args=--compile-decode")
+    parser.add_argument("--startup-timeout", type=float, default=900.0,
+                        help="seconds to get healthy (--compile-decode with LoRA slots compiles "
+                             "for 220-600 s on two cores)")
     args = parser.parse_args()
     vectors = max(1, args.concurrency // 3)
     flags = write_vectors(REPO / ".bench" / "steering-vectors", vectors, range(8, 16))
@@ -75,7 +78,7 @@ def main() -> None:
              for name, kinds in mixes.items()}
     with ManagedServer("steerserve", command, port, REPO / ".bench" / "logs" / "mixed.log",
                        env={}, unset_env=("STEERSERVE_API_KEY",)) as server:
-        server.wait_healthy(600)
+        server.wait_healthy(args.startup_timeout)
         best = run_interleaved(f"{server.base_url}/v1/chat/completions", cases,
                                args.concurrency, args.repeats)
     print(ratio_table(best, f"case ({args.concurrency} concurrent x {args.max_tokens} tokens)"))

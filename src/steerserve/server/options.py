@@ -116,7 +116,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                        help="compile the decode forward with torch.compile (inductor, "
                        "weights frozen, its C++ wrapper) at every start: about 110-130 s on two "
                        "cores (up to 300 s on slower ones), 220-310 s with LoRA slots "
-                       "(--max-loras), whose graph takes "
+                       "(--max-loras; 500 s on slower ones), whose graph takes "
                        "every batch's adapters. "
                        "Decode batches run it, adapter rows, DoLa's early exits and added "
                        "steering vectors included (12-24%% faster steps on two cores); "
